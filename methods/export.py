@@ -1,0 +1,47 @@
+"""Deployment artifacts: ONNX graphs and safetensors weights (never pickles)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: Path, opset: int = 17) -> Path:
+    """Export ``model`` (eval mode, CPU) to ONNX with a dynamic batch axis. ``input_shape`` is C, H, W."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(model).cpu().eval()
+    example = torch.zeros(2, *input_shape)
+    torch.onnx.export(
+        model, (example,), str(path), input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False,
+    )
+    return path
+
+
+def save_weights(model: nn.Module, path: Path) -> Path:
+    """State dict as safetensors: loads without executing code (shared tensors are cloned)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+    return path
+
+
+def load_weights(model: nn.Module, path: Path) -> nn.Module:
+    model.load_state_dict(load_file(str(path)))
+    return model
+
+
+def onnx_logits(path: Path, images: np.ndarray, threads: int = 1) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": images.astype(np.float32)})[0]

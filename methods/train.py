@@ -1,0 +1,188 @@
+"""The one training loop, evaluation and batch-norm recalibration used by every method.
+
+A method supplies ``loss_fn(images, labels, step) -> loss`` (a scalar); the loop owns the
+optimiser, the learning-rate schedule, the device, progress lines and the step budget. Methods
+that sample sub-networks (stitching, progressive shrinking) do their sampling inside ``loss_fn``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from methods.base import StrictModel
+
+log = logging.getLogger("podium.train")
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+class TrainConfig(StrictModel):
+    epochs: float = 5.0  # may be fractional; ``max_steps`` caps it further
+    max_steps: int | None = None
+    lr: float = 0.05
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_steps: int = 0
+    seed: int = 0
+    log_every_s: float = 10.0  # a progress line at most this often
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    images_per_s: float
+    wall_s: float
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(preference)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def parameter_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm parameters (1-D tensors), as in pycls/OFA/timm."""
+    decay, no_decay = [], []
+    for _name, p in params:
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    groups = parameter_groups(model.named_parameters(), cfg.weight_decay)
+    lr = cfg.lr if lr is None else lr
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Multiplier on the base learning rate: linear warm-up then cosine decay to 0."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def fit(
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: LossFn,
+    cfg: TrainConfig,
+    *,
+    name: str = "model",
+    optimizer: torch.optim.Optimizer | None = None,
+) -> TrainResult:
+    """Train ``model`` (already on its device) for ``cfg`` epochs/steps minimising ``loss_fn``.
+
+    ``model`` is what the optimiser updates (pass a container holding every trained part).
+    """
+    device = model_device(model)
+    optimizer = optimizer or make_optimizer(model, cfg)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    steps = total_steps(cfg, len(loader))
+    torch.manual_seed(cfg.seed)
+    model.train()
+    step, seen, loss_value = 0, 0, float("nan")
+    start = last_log = time.perf_counter()
+    while step < steps:
+        for images, labels in loader:
+            if step >= steps:
+                break
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            scale = cosine_lr(step, steps, cfg.warmup_steps)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * scale
+            loss = loss_fn(images, labels, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            seen += images.shape[0]
+            now = time.perf_counter()
+            if now - last_log >= cfg.log_every_s or step == steps:
+                loss_value = loss.item()  # sync only when reporting, not every step
+                rate = seen / max(now - start, 1e-9)
+                eta = (steps - step) * (now - start) / step
+                log.info("%s: epoch %.2f step %d/%d loss %.4f %.0f img/s ETA %.0fs",
+                         name, step / len(loader), step, steps, loss_value, rate, eta)
+                last_log = now
+    wall = time.perf_counter() - start
+    return TrainResult(steps=step, final_loss=loss_value, images_per_s=seen / max(wall, 1e-9), wall_s=wall)
+
+
+def cross_entropy_loss(model: nn.Module, label_smoothing: float = 0.0) -> LossFn:
+    def loss_fn(images: torch.Tensor, labels: torch.Tensor, _step: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
+
+    return loss_fn
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, input_size: tuple[int, int] | None = None) -> float:
+    """Top-1 accuracy in [0, 1]. ``input_size`` resizes inputs (for candidates at another resolution)."""
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for images, labels in loader:
+        images = resize(images.to(device), input_size)
+        correct += (model(images).argmax(dim=1) == labels.to(device)).sum().item()
+        total += labels.numel()
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def resize(images: torch.Tensor, input_size: tuple[int, int] | None) -> torch.Tensor:
+    if input_size is None or tuple(images.shape[-2:]) == tuple(input_size):
+        return images
+    return nn.functional.interpolate(images, size=input_size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: DataLoader, num_batches: int = 20,
+                   input_size: tuple[int, int] | None = None) -> None:
+    """Reset BN running stats and set them to the average batch statistics on training images.
+
+    Needed whenever a network's path differs from the one its stats were collected on
+    (OFA sub-networks, stitches). Uses a cumulative average (momentum=None).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    device = model_device(model)
+    was_training = model.training
+    model.train()
+    for i, (images, _labels) in enumerate(loader):
+        if i >= num_batches:
+            break
+        model(resize(images.to(device), input_size))
+    for m, momentum in saved:
+        m.momentum = momentum
+    model.train(was_training)
