@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 class StrictModel(BaseModel):
     """Base for every config model: unknown keys and wrong types are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

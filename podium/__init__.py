@@ -1,0 +1,13 @@
+"""Podium: one winning model per target device."""
+import os
+
+# No internet here and no telemetry wanted anywhere: set before prefect/mlflow/dvc are imported.
+for _key, _value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_ENABLE_TELEMETRY": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "podium",
+}.items():
+    os.environ.setdefault(_key, _value)

@@ -33,3 +33,6 @@ def digits_bundle(image_size: tuple[int, int] = (32, 32), batch_size: int = 64, 
 @pytest.fixture(scope="session")
 def digits() -> DataBundle:
     return digits_bundle()
+
+# S3 fixtures (a real moto server on 127.0.0.1) live in tests/s3_server.py.
+pytest_plugins = ["tests.s3_server"]

@@ -1,0 +1,45 @@
+"""The device inventory (`infra/devices.yaml`): every target a model can be chosen for."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from methods.base import StrictModel
+from methods.profiling import DeviceProfile
+
+DEFAULT_INVENTORY = Path(__file__).with_name("devices.yaml")
+
+
+class Inventory(StrictModel):
+    devices: list[DeviceProfile]
+
+
+class DeviceError(ValueError):
+    """An unknown device or an invalid inventory entry (one line)."""
+
+
+def load_inventory(path: Path = DEFAULT_INVENTORY) -> dict[str, DeviceProfile]:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise DeviceError(f"device inventory {path} does not exist") from None
+    try:
+        inventory = Inventory.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise DeviceError(f"{path}: {where}: {err['msg']}") from None
+    names = [d.name for d in inventory.devices]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DeviceError(f"{path}: duplicate device names {duplicates}")
+    return {d.name: d for d in inventory.devices}
+
+
+def select_devices(inventory: dict[str, DeviceProfile], names: list[str], source: str) -> list[DeviceProfile]:
+    unknown = [n for n in names if n not in inventory]
+    if unknown:
+        raise DeviceError(f"{source}: unknown device {unknown[0]!r}; known devices: {', '.join(sorted(inventory))}")
+    return [inventory[n] for n in names]

@@ -1,0 +1,163 @@
+"""The `podium` command: run the pipeline, manage data, inspect spaces, fetch released models."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+data_app = typer.Typer(no_args_is_help=True, help="Dataset versioning and import.")
+space_app = typer.Typer(no_args_is_help=True, help="Print a method's candidate space without training.")
+app.add_typer(data_app, name="data")
+app.add_typer(space_app, name="space")
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from infra.devices import DeviceError
+    from podium.config import ConfigError
+    from podium.data import DataError
+    from podium.validation import DataValidationError
+    from registry.mlflow_registry import RegistryError
+    from registry.release import ReleaseError
+    from registry.store import StoreError
+    from tasks.anchors import AnchorError
+
+    return (ConfigError, DeviceError, DataError, DataValidationError, RegistryError, ReleaseError, StoreError,
+            AnchorError)
+
+
+def _run(action: Callable[[], object]) -> None:
+    """Run a command; a known failure prints one line naming the problem and exits non-zero."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    errors = _known_errors()
+    try:
+        action()
+    except errors as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1)
+
+
+def _project_env(project_dir: Path) -> None:
+    os.environ.setdefault("PREFECT_HOME", str(project_dir.resolve() / ".podium" / "prefect"))
+
+
+@app.command()
+def retrain(config: Path = typer.Option(Path("configs/demo.yaml"), help="pipeline config (YAML)"),
+            project_dir: Path = typer.Option(Path("."), help="the repository holding dvc.yaml and data/")) -> None:
+    """Run the retrain flow: data → validation → anchors → methods → profiling → registry → store."""
+    _project_env(project_dir)
+
+    def action() -> None:
+        from flows.retrain import run_retrain
+
+        run_retrain(str(config), str(project_dir))
+
+    _run(action)
+
+
+@app.command()
+def validate(config: Path = typer.Option(Path("configs/demo.yaml")), project_dir: Path = typer.Option(Path("."))) -> None:
+    """Check a config and its dataset (no training, no registry changes)."""
+
+    def action() -> None:
+        from infra.devices import load_inventory, select_devices
+        from podium.config import load_config
+        from podium.validation import validate_dataset
+
+        cfg = load_config(config)
+        select_devices(load_inventory(Path(cfg.devices.inventory)), cfg.devices.use, str(config))
+        report = validate_dataset(project_dir / cfg.data.path, classes=cfg.data.classes,
+                                  min_per_class=cfg.data.min_per_class)
+        report.raise_for_failures()
+        typer.echo(f"{config}: config valid; dataset {cfg.data.path} passed validation")
+
+    _run(action)
+
+
+@data_app.command("import")
+def data_import(path: Path, name: str = typer.Option(..., help="dataset name: data/<name>"),
+                val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
+                project_dir: Path = typer.Option(Path("."))) -> None:
+    """Bring an ImageFolder dataset under data/<name> (split, manifest, DVC-tracked)."""
+
+    def action() -> None:
+        from podium import dvc_ops
+        from podium.data import import_imagefolder
+
+        root = import_imagefolder(path, project_dir, name, val_fraction, test_fraction, seed)
+        typer.echo(f"imported {path} -> {root} (DVC md5 {dvc_ops.dataset_hash(project_dir, root.relative_to(project_dir.resolve()) if root.is_absolute() else root)})")
+
+    _run(action)
+
+
+@app.command()
+def fetch(model: str = typer.Option(...), device: str = typer.Option(...), dest: Path = typer.Option(...),
+          store: str = typer.Option("store", help="store URI: a folder or s3://bucket/prefix"),
+          endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (else AWS_ENDPOINT_URL)"),
+          version: Optional[str] = typer.Option(None, help="a release version (default: current)")) -> None:
+    """Download a device's released model, verifying every checksum; writes nothing on a mismatch."""
+
+    def action() -> None:
+        from registry.release import fetch_release
+        from registry.store import open_store
+
+        manifest = fetch_release(open_store(store, endpoint_url), model, device, dest, version=version)
+        typer.echo(f"fetched {model}/{device} v{manifest['version']} -> {dest} "
+                   f"({', '.join(f['name'] for f in manifest['files'])})")
+
+    _run(action)
+
+
+@app.command()
+def models(config: Path = typer.Option(Path("configs/demo.yaml"))) -> None:
+    """Print each device's champion: version, method, accuracy, p50, data hash, date."""
+
+    def action() -> None:
+        from datetime import datetime, timezone
+
+        from podium.config import load_config
+        from registry.mlflow_registry import ModelRegistry
+
+        cfg = load_config(config)
+        registry = ModelRegistry(cfg.tracking.uri, cfg.tracking.artifact_root)
+        typer.echo(f"{'device':<14} {'version':>7} {'method':<12} {'val_acc':>7} {'p50 ms':>8} {'data hash':<14} date")
+        for device in cfg.devices.use:
+            v = registry.version_by_alias(cfg.model_name, device)
+            if v is None:
+                typer.echo(f"{device:<14} {'-':>7} (no champion)")
+                continue
+            when = datetime.fromtimestamp(v.creation_timestamp / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
+            typer.echo(f"{device:<14} {v.version:>7} {v.tags.get('method', ''):<12} {float(v.tags.get('val_acc', 'nan')):>7.4f} "
+                       f"{float(v.tags.get('p50_ms', 'nan')):>8.3f} {v.tags.get('data_hash', '')[:12]:<14} {when}")
+
+    _run(action)
+
+
+@space_app.command("show")
+def space_show(method: str, config: Path = typer.Option(Path("configs/demo.yaml"))) -> None:
+    """Print the size and members of a method's space for the configured anchors/data shape."""
+
+    def action() -> None:
+        from podium.config import load_config
+        from podium.spaces import describe
+
+        cfg = load_config(config)
+        rows = describe(cfg, method)
+        for row in rows:
+            typer.echo(json.dumps(row, default=str))
+        typer.echo(f"{method}: {len(rows)} rows")
+
+    _run(action)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,135 @@
+"""The pipeline's configuration: one YAML file parsed into typed, strict models.
+
+Any unknown key, wrong type or NaN fails before work starts with a one-line ``ConfigError``
+naming the file and the dotted path of the bad field.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from infra.devices import DEFAULT_INVENTORY
+from methods.base import StrictModel
+from methods.catalog import METHOD_NAMES, config_class
+from methods.train import TrainConfig
+
+
+class ConfigError(ValueError):
+    """A bad configuration (one line: file, field path, problem)."""
+
+
+class RemoteConfig(StrictModel):
+    url: str  # s3://bucket/path (or an absolute local path)
+    endpoint_url: str | None = None
+
+
+class DataConfig(StrictModel):
+    path: str = "data/digits"  # dataset root, relative to the project directory
+    stage: str | None = "export_digits"  # DVC stage that produces it; None for `dvc add`-tracked data
+    image_size: tuple[int, int] = (32, 32)
+    batch_size: int = Field(64, ge=1)
+    classes: list[str] | None = None  # declared class set; None = the train split's folders
+    min_per_class: int = Field(5, ge=1)
+    dvc_remote: RemoteConfig | None = None  # None = the repository's default (local) remote
+    push: bool = True
+
+
+class TrackingConfig(StrictModel):
+    uri: str = "sqlite:///mlflow.db"
+    artifact_root: str = "mlartifacts"  # used when the experiment is created
+    experiment: str = "podium"
+
+
+class StoreConfig(StrictModel):
+    uri: str = "store"  # a folder with the S3 layout, or s3://bucket/prefix
+    endpoint_url: str | None = None  # else AWS_ENDPOINT_URL / boto3's own resolution
+
+
+class AnchorConfig(StrictModel):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    arch: dict[str, Any]
+    checkpoint: str | None = None  # local path or s3:// URI of a safetensors state dict
+    timm_hub: bool = False  # allow downloading timm hub weights (opt-in: needs network)
+    train: TrainConfig = TrainConfig(epochs=4, lr=0.1)
+
+
+class DevicesConfig(StrictModel):
+    inventory: str = str(DEFAULT_INVENTORY)
+    use: list[str] = Field(default_factory=lambda: ["cpu-1t", "cpu-2t-onnx"])
+
+
+class RuntimeConfig(StrictModel):
+    task_runner: Literal["threads", "dask"] = "threads"
+    max_workers: int = Field(2, ge=1)
+    dask_address: str | None = None
+    device: str = "auto"  # torch device for training: auto | cpu | cuda
+    cache_dir: str = ".podium"
+
+
+class PodiumConfig(StrictModel):
+    model_name: str = Field("digits-classifier", pattern=r"^[a-z0-9][a-z0-9-]*$")
+    data: DataConfig = DataConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    store: StoreConfig = StoreConfig()
+    anchors: list[AnchorConfig] = Field(min_length=1)
+    teacher: str | None = None  # an anchor name; None = the largest anchor
+    methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    devices: DevicesConfig = DevicesConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _teacher_is_an_anchor(self) -> "PodiumConfig":
+        names = [a.name for a in self.anchors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"anchor names must be unique, got {names}")
+        if self.teacher is not None and self.teacher not in names:
+            raise ValueError(f"teacher {self.teacher!r} is not an anchor ({', '.join(names)})")
+        return self
+
+    def method_config(self, name: str) -> StrictModel:
+        return config_class(name).model_validate(self.methods[name])
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable digest of some top-level sections (part of task cache keys)."""
+        dumped = self.model_dump(mode="json", include=set(sections))
+        return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _first_error(exc: ValidationError, prefix: str = "") -> str:
+    err = exc.errors()[0]
+    where = prefix + ".".join(str(p) for p in err["loc"])
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where or '<root>'}: {err['msg']}{more}"
+
+
+def parse_config(raw: Any, source: str = "<config>") -> PodiumConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        cfg = PodiumConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_first_error(exc)}") from None
+    for name in cfg.methods:
+        if name not in METHOD_NAMES:
+            raise ConfigError(f"{source}: methods.{name}: unknown method; known methods: {', '.join(METHOD_NAMES)}")
+        try:
+            cfg.method_config(name)
+        except ValidationError as exc:
+            raise ConfigError(f"{source}: {_first_error(exc, f'methods.{name}.')}") from None
+    return cfg
+
+
+def load_config(path: str | Path) -> PodiumConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_config(raw, str(path))

@@ -1,0 +1,189 @@
+"""The one MLflow client: runs, logged models, registered versions, aliases and promotion.
+
+Models are logged in the ONNX flavour (loadable with ``mlflow.onnx``/pyfunc, no pickles) with the
+safetensors weights and the architecture as extra files, so a version can be rebuilt in PyTorch
+(``weights_only`` loading) or shipped as is.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import onnx
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+log = logging.getLogger("podium.registry")
+
+ONNX_REQUIREMENTS = ["onnx==1.23.2", "onnxruntime==1.32.0"]
+
+
+class RegistryError(RuntimeError):
+    """A registry operation failed (one line)."""
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    promote: bool
+    reason: str
+
+
+def decide_promotion(challenger_acc: float, champion: ModelVersion | None, data_hash: str,
+                     champion_acc_on_data: float | None = None) -> PromotionDecision:
+    """Champion/challenger rule: the alias moves only when the challenger is strictly more accurate
+    on the same validation data. ``champion_acc_on_data`` is the champion re-evaluated on this data
+    when its own data hash differs (None = could not be re-evaluated)."""
+    if champion is None:
+        return PromotionDecision(True, "no champion yet")
+    champion_hash = champion.tags.get("data_hash")
+    if champion_hash == data_hash:
+        champion_acc = float(champion.tags.get("val_acc", "nan"))
+        basis = "same validation data"
+    elif champion_acc_on_data is not None:
+        champion_acc = champion_acc_on_data
+        basis = f"champion re-evaluated on the new validation data {data_hash[:12]}"
+    else:
+        return PromotionDecision(True, f"champion v{champion.version} was validated on other data "
+                                       f"({str(champion_hash)[:12]}) and could not be re-evaluated")
+    if challenger_acc > champion_acc:
+        return PromotionDecision(True, f"challenger {challenger_acc:.4f} beats champion v{champion.version} "
+                                       f"{champion_acc:.4f} ({basis})")
+    return PromotionDecision(False, f"champion v{champion.version} kept: {champion_acc:.4f} >= challenger "
+                                    f"{challenger_acc:.4f} ({basis})")
+
+
+class ModelRegistry:
+    def __init__(self, tracking_uri: str, artifact_root: str | Path | None = None) -> None:
+        self.tracking_uri = tracking_uri
+        self.artifact_root = artifact_root
+        mlflow.set_tracking_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    # --- runs -----------------------------------------------------------------------------
+    def experiment_id(self, name: str) -> str:
+        try:
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is not None:
+                return experiment.experiment_id
+            location = None
+            if self.artifact_root and "://" not in str(self.artifact_root):
+                location = Path(self.artifact_root).resolve().as_uri()
+            elif self.artifact_root:
+                location = str(self.artifact_root)
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException as exc:
+            raise RegistryError(f"MLflow at {self.tracking_uri} failed: {_first_line(exc)}") from None
+        except Exception as exc:  # unreachable server, bad URI scheme
+            raise RegistryError(f"MLflow tracking URI {self.tracking_uri!r} is unusable: {_first_line(exc)}") from None
+
+    def start_run(self, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> str:
+        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags=tags or {})
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_params(self, run_id: str, params: dict[str, Any], prefix: str = "") -> None:
+        for key, value in _flatten(params, prefix).items():
+            self.client.log_param(run_id, key, str(value)[:6000])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], prefix: str = "") -> None:
+        for key, value in metrics.items():
+            self.client.log_metric(run_id, f"{prefix}{key}", float(value))
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_dict(self, run_id: str, data: Any, artifact_file: str) -> None:
+        self.client.log_dict(run_id, data, artifact_file)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    # --- models -----------------------------------------------------------------------------
+    def log_model(self, run_id: str, name: str, onnx_path: Path, weights_path: Path,
+                  metadata: dict[str, Any], input_example: np.ndarray) -> str:
+        """Log an ONNX model (+ weights and metadata.json as extra files); returns its model URI."""
+        with tempfile.TemporaryDirectory() as tmp:
+            meta_path = Path(tmp) / "metadata.json"
+            meta_path.write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
+            info = mlflow.onnx.log_model(
+                onnx.load(str(onnx_path)), name=name, run_id=run_id, input_example=input_example,
+                pip_requirements=ONNX_REQUIREMENTS, extra_files=[str(weights_path), str(meta_path)],
+                save_as_external_data=False,
+            )
+        return info.model_uri
+
+    def register(self, registered_name: str, model_uri: str, run_id: str, tags: dict[str, Any]) -> ModelVersion:
+        try:
+            self.client.get_registered_model(registered_name)
+        except MlflowException:
+            self.client.create_registered_model(registered_name)
+        model_id = model_uri.split("models:/", 1)[1] if model_uri.startswith("models:/") else None
+        version = self.client.create_model_version(registered_name, source=model_uri, run_id=run_id,
+                                                   tags={k: str(v) for k, v in tags.items()}, model_id=model_id)
+        return version
+
+    def version_by_alias(self, registered_name: str, alias: str) -> ModelVersion | None:
+        try:
+            return self.client.get_model_version_by_alias(registered_name, alias)
+        except MlflowException:
+            return None
+
+    def get_version(self, registered_name: str, version: str | int) -> ModelVersion:
+        return self.client.get_model_version(registered_name, str(version))
+
+    def set_alias(self, registered_name: str, alias: str, version: str | int) -> None:
+        self.client.set_registered_model_alias(registered_name, alias, str(version))
+
+    def set_version_tags(self, registered_name: str, version: str | int, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(registered_name, str(version), key, str(value))
+
+    def search_versions(self, registered_name: str, filter_tags: dict[str, str] | None = None) -> list[ModelVersion]:
+        query = f"name = '{registered_name}'"
+        for key, value in (filter_tags or {}).items():
+            query += f" and tags.{key} = '{value}'"
+        try:
+            return list(self.client.search_model_versions(query))
+        except MlflowException:
+            return []
+
+    def download_version(self, registered_name: str, version: str | int, dest: Path) -> Path:
+        """Download a version's files (model.onnx, weights, metadata.json) into ``dest``."""
+        dest.mkdir(parents=True, exist_ok=True)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{registered_name}/{version}",
+                                                    dst_path=str(dest), tracking_uri=self.tracking_uri)
+        return Path(local)
+
+
+def model_files(download_dir: Path) -> dict[str, Path]:
+    """Locate model.onnx, the weights and metadata.json inside a downloaded MLflow ONNX model."""
+    found = {p.name: p for p in Path(download_dir).rglob("*") if p.is_file()}
+    missing = [n for n in ("model.onnx", "weights.safetensors", "metadata.json") if n not in found]
+    if missing:
+        raise RegistryError(f"downloaded model in {download_dir} lacks {', '.join(missing)}")
+    return {n: found[n] for n in ("model.onnx", "weights.safetensors", "metadata.json")}
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
