@@ -1,0 +1,98 @@
+"""The main flow: data → validation → anchors → methods → profiling → winners → registry → store."""
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from infra.devices import load_inventory, select_devices
+from methods.base import Candidate
+from methods.profiling import DeviceProfile
+from podium.config import PodiumConfig, load_config
+from registry.mlflow_registry import ModelRegistry
+from tasks.anchors import acquire_anchors
+from tasks.common import RunContext, load_data
+from tasks.data import validate_data, version_dataset
+from tasks.profile import profile_candidates
+from tasks.release import Outcome, promote_and_publish, select_winner
+from tasks.report import write_report
+from tasks.train import train_method
+
+
+@dataclass
+class RetrainResult:
+    run_id: str
+    data_hash: str
+    outcomes: list[Outcome]
+    report: str
+
+
+def git_sha(project_dir: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_dir, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def merge_candidates(devices: list[DeviceProfile], anchors: list[Candidate],
+                     per_method: list[dict[str, list[Candidate]]]) -> dict[str, list[Candidate]]:
+    """Every device is offered the anchors plus what each method offers it (names unique)."""
+    merged: dict[str, list[Candidate]] = {}
+    for device in devices:
+        seen: dict[str, Candidate] = {c.name: c for c in anchors}
+        for offered in per_method:
+            for cand in offered.get(device.name, []):
+                seen.setdefault(cand.name, cand)
+        merged[device.name] = list(seen.values())
+    return merged
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(config_path: str = "configs/demo.yaml", project_dir: str = ".") -> RetrainResult:
+    cfg: PodiumConfig = load_config(config_path)
+    devices = select_devices(load_inventory(Path(cfg.devices.inventory)), cfg.devices.use, config_path)
+    project = Path(project_dir).resolve()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.runtime.max_workers))
+
+    registry = ModelRegistry(cfg.tracking.uri, str(project / cfg.tracking.artifact_root))
+    run_id = registry.start_run(cfg.tracking.experiment, "retrain", tags={"config": config_path})
+    ctx = RunContext(cfg=cfg, project_dir=str(project), run_id=run_id, git_sha=git_sha(project))
+    try:
+        registry.log_params(run_id, cfg.model_dump(mode="json", exclude={"tracking"}))
+        ref = version_dataset(ctx)
+        registry.client.set_tag(run_id, "data_hash", ref.data_hash)
+        validate_data(ctx, ref)
+        anchors, teacher, anchor_candidates = acquire_anchors(ctx, ref)
+
+        trainer = train_method.with_options(result_storage=ctx.cache_path / "results")
+        futures = [trainer.submit(ctx, ref, method, anchors, teacher, devices) for method in cfg.methods]
+        candidates = merge_candidates(devices, anchor_candidates, [f.result() for f in futures])
+
+        stats, exports = profile_candidates(ctx, candidates, devices, load_data(ctx, ref).input_spec.channels)
+        outcomes = []
+        for device in devices:
+            device_stats = stats.get(device.name, {})
+            winner = select_winner(candidates[device.name], device_stats, device)
+            outcomes.append(promote_and_publish(
+                ctx, ref, device, winner, device_stats.get(winner.name) if winner else None,
+                exports.get(winner.name) if winner else None))
+        report = write_report(ctx, devices, candidates, stats, outcomes)
+        print(report)
+        registry.end_run(run_id, "FINISHED")
+        return RetrainResult(run_id, ref.data_hash, outcomes, report)
+    except BaseException:
+        registry.end_run(run_id, "FAILED")
+        raise
+
+
+def run_retrain(config_path: str, project_dir: str = ".") -> RetrainResult:
+    """Run the flow with the task runner the config asks for."""
+    cfg = load_config(config_path)  # fail on a bad config before Prefect starts
+    runner = ThreadPoolTaskRunner(max_workers=cfg.runtime.max_workers)
+    return retrain.with_options(task_runner=runner)(config_path=config_path, project_dir=project_dir)

@@ -1,0 +1,48 @@
+"""Data tasks: version the dataset with DVC, then validate it with Great Expectations."""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from prefect import task
+
+from podium import dvc_ops
+from podium.validation import validate_dataset
+from tasks.common import DatasetRef, RunContext
+
+log = logging.getLogger("podium.tasks.data")
+
+
+@task(name="version-dataset")
+def version_dataset(ctx: RunContext) -> DatasetRef:
+    """Reproduce the dataset's DVC stage (a no-op when up to date), push it, return its md5."""
+    cfg = ctx.cfg.data
+    project = ctx.project_path
+    if cfg.stage:
+        dvc_ops.reproduce(project, cfg.stage)
+    data_hash = dvc_ops.dataset_hash(project, cfg.path)
+    if cfg.dvc_remote is not None:
+        dvc_ops.configure_s3_remote(project, "podium", cfg.dvc_remote.url, cfg.dvc_remote.endpoint_url)
+    if cfg.push:
+        dvc_ops.push(project, "podium" if cfg.dvc_remote is not None else None)
+    log.info("dataset %s at DVC md5 %s", cfg.path, data_hash)
+    classes = tuple(cfg.classes) if cfg.classes else None
+    return DatasetRef(root=str(project / cfg.path), data_hash=data_hash, classes=classes)
+
+
+@task(name="validate-dataset")
+def validate_data(ctx: RunContext, ref: DatasetRef) -> None:
+    """Run the expectation suite; the result is an MLflow artifact either way; failures stop the flow."""
+    report = validate_dataset(Path(ref.root), classes=list(ref.classes) if ref.classes else None,
+                              min_per_class=ctx.cfg.data.min_per_class)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "validation.json"
+        path.write_text(json.dumps(report.to_json(), indent=2, default=str))
+        ctx.registry.log_artifact(ctx.run_id, path, "data")
+    ctx.registry.client.set_tag(ctx.run_id, "data_validation", "passed" if report.success else "failed")
+    if not report.success:
+        for line in report.summary().splitlines():
+            log.error("validation failed: %s", line)
+    report.raise_for_failures()
