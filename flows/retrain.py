@@ -29,6 +29,8 @@ class RetrainResult:
     run_id: str
     data_hash: str
     outcomes: list[Outcome]
+    winners: dict[str, Candidate]
+    cached_methods: list[str]  # methods whose training was reused from the task cache
     report: str
 
 
@@ -73,19 +75,22 @@ def retrain(config_path: str = "configs/demo.yaml", project_dir: str = ".") -> R
         trainer = train_method.with_options(result_storage=ctx.cache_path / "results")
         futures = [trainer.submit(ctx, ref, method, anchors, teacher, devices) for method in cfg.methods]
         candidates = merge_candidates(devices, anchor_candidates, [f.result() for f in futures])
+        cached = [m for m, f in zip(cfg.methods, futures) if f.state.name == "Cached"]
 
         stats, exports = profile_candidates(ctx, candidates, devices, load_data(ctx, ref).input_spec.channels)
-        outcomes = []
+        outcomes, winners = [], {}
         for device in devices:
             device_stats = stats.get(device.name, {})
             winner = select_winner(candidates[device.name], device_stats, device)
+            if winner is not None:
+                winners[device.name] = winner
             outcomes.append(promote_and_publish(
                 ctx, ref, device, winner, device_stats.get(winner.name) if winner else None,
                 exports.get(winner.name) if winner else None))
         report = write_report(ctx, devices, candidates, stats, outcomes)
         print(report)
         registry.end_run(run_id, "FINISHED")
-        return RetrainResult(run_id, ref.data_hash, outcomes, report)
+        return RetrainResult(run_id, ref.data_hash, outcomes, winners, cached, report)
     except BaseException:
         registry.end_run(run_id, "FAILED")
         raise

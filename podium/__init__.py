@@ -9,5 +9,10 @@ for _key, _value in {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "DVC_NO_ANALYTICS": "1",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "podium",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # first start runs migrations
 }.items():
     os.environ.setdefault(_key, _value)
+
+import logging as _logging
+
+_logging.getLogger("podium").setLevel(_logging.INFO)  # Prefect shows it (extra logger); root stays at WARNING

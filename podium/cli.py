@@ -33,7 +33,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 def _run(action: Callable[[], object]) -> None:
     """Run a command; a known failure prints one line naming the problem and exits non-zero."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     errors = _known_errors()
     try:
         action()

@@ -63,8 +63,11 @@ class ModelRegistry:
     def __init__(self, tracking_uri: str, artifact_root: str | Path | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.artifact_root = artifact_root
-        mlflow.set_tracking_uri(tracking_uri)
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        try:
+            mlflow.set_tracking_uri(tracking_uri)
+            self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        except Exception as exc:  # unknown scheme, malformed URI
+            raise RegistryError(f"MLflow tracking URI {tracking_uri!r} is unusable: {_first_line(exc)}") from None
 
     # --- runs -----------------------------------------------------------------------------
     def experiment_id(self, name: str) -> str:
@@ -117,7 +120,7 @@ class ModelRegistry:
             info = mlflow.onnx.log_model(
                 onnx.load(str(onnx_path)), name=name, run_id=run_id, input_example=input_example,
                 pip_requirements=ONNX_REQUIREMENTS, extra_files=[str(weights_path), str(meta_path)],
-                save_as_external_data=False,
+                save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"],
             )
         return info.model_uri
 

@@ -69,7 +69,7 @@ def state_digest(model: nn.Module, extra: Any = None) -> str:
         t = tensor.detach().cpu().contiguous()
         digest.update(name.encode())
         digest.update(str(tuple(t.shape)).encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     digest.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 

@@ -22,6 +22,8 @@ def version_dataset(ctx: RunContext) -> DatasetRef:
     project = ctx.project_path
     if cfg.stage:
         dvc_ops.reproduce(project, cfg.stage)
+    else:  # a dataset tracked with `dvc add` (e.g. `podium data import`): re-hash what is on disk
+        dvc_ops.track(project, cfg.path)
     data_hash = dvc_ops.dataset_hash(project, cfg.path)
     if cfg.dvc_remote is not None:
         dvc_ops.configure_s3_remote(project, "podium", cfg.dvc_remote.url, cfg.dvc_remote.endpoint_url)

@@ -1,0 +1,171 @@
+"""The whole retrain flow against real local services: SQLite MLflow, a moto S3 server on
+127.0.0.1 (store), DVC on the repository, Prefect's test harness. Then a deployment-side fetch."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from methods.export import onnx_logits
+from registry.mlflow_registry import ModelRegistry
+from registry.release import fetch_release, read_current
+from registry.store import open_store
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+BUCKET = "podium-releases"
+
+# Small but real: every stage runs, each training is a few dozen steps.
+FAST_TRAIN = {"epochs": 1, "max_steps": 25, "lr": 0.1}
+METHODS = {
+    "stitching": {"train": {"epochs": 1, "max_steps": 10, "lr": 0.001, "optimizer": "adamw"}},
+    "scaling": {"scales": [1, 2], "train": {"epochs": 1, "max_steps": 10, "lr": 0.1}},
+    "self_distill": {"train_baseline": False, "train": {"epochs": 1, "max_steps": 10, "lr": 0.1}},
+}
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="module")
+def services(s3_endpoint, tmp_path_factory):
+    """MLflow (SQLite), an S3 bucket on the moto server, credentials in the environment."""
+    root = tmp_path_factory.mktemp("services")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_endpoint}.items():
+            mp.setenv(key, value)
+        s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+        if BUCKET not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
+            s3.create_bucket(Bucket=BUCKET)
+        yield {"root": root, "endpoint": s3_endpoint}
+
+
+def write_config(services, path: Path, **overrides) -> Path:
+    root = services["root"]
+    devices = root / "devices.yaml"
+    devices.write_text(yaml.safe_dump({"devices": [
+        {"name": "cpu-1t", "runtime": "torch", "threads": 1, "batch_size": 1, "latency_budget_ms": 1000,
+         "warmup": 1, "min_repeats": 5, "max_repeats": 10},
+        {"name": "cpu-onnx", "runtime": "onnxruntime", "threads": 1, "batch_size": 4, "latency_budget_ms": 1000,
+         "warmup": 1, "min_repeats": 5, "max_repeats": 10},
+    ]}))
+    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    raw.update({
+        "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "artifact_root": str(root / "mlartifacts"),
+                     "experiment": "it"},
+        "store": {"uri": f"s3://{BUCKET}/models", "endpoint_url": services["endpoint"]},
+        "devices": {"inventory": str(devices), "use": ["cpu-1t", "cpu-onnx"]},
+        "runtime": {"cache_dir": str(root / "cache"), "max_workers": 2},
+        "methods": METHODS,
+    })
+    raw["data"]["push"] = False
+    for anchor in raw["anchors"]:
+        anchor["train"] = FAST_TRAIN
+    raw.update(overrides)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_harness, services):
+    from flows.retrain import run_retrain
+
+    config = write_config(services, services["root"] / "config.yaml")
+    return run_retrain(str(config), str(REPO)), config
+
+
+def aliases(services) -> dict[str, str | None]:
+    registry = ModelRegistry(f"sqlite:///{services['root']}/mlflow.db")
+    return {d: getattr(registry.version_by_alias("digits-classifier", d), "version", None) for d in ("cpu-1t", "cpu-onnx")}
+
+
+def currents(services) -> dict[str, dict | None]:
+    store = open_store(f"s3://{BUCKET}/models", services["endpoint"])
+    return {d: read_current(store, "digits-classifier", d) for d in ("cpu-1t", "cpu-onnx")}
+
+
+def test_every_device_gets_a_promoted_published_winner(first_run, services):
+    result, _ = first_run
+    assert {o.device for o in result.outcomes} == {"cpu-1t", "cpu-onnx"}
+    registry = ModelRegistry(f"sqlite:///{services['root']}/mlflow.db")
+    for outcome in result.outcomes:
+        assert outcome.winner and outcome.alias_moved, outcome
+        version = registry.version_by_alias("digits-classifier", outcome.device)
+        assert version.version == outcome.version
+        for tag in ("device", "method", "config", "val_acc", "p50_ms", "flops", "params", "acts", "data_hash",
+                    "git_sha", "run_id"):
+            assert tag in version.tags, tag
+        assert version.tags["data_hash"] == result.data_hash and result.data_hash.endswith(".dir")
+        assert str(currents(services)[outcome.device]["version"]) == str(outcome.version)
+    methods_seen = {c.split("-")[0] for c in result.report.split()}  # the table names candidates of each method
+    assert "anchor" in methods_seen
+
+
+def test_fetched_winner_runs_in_onnxruntime_and_matches_pytorch(first_run, services, tmp_path):
+    result, _ = first_run
+    store = open_store(f"s3://{BUCKET}/models", services["endpoint"])
+    for device, winner in result.winners.items():
+        dest = tmp_path / device
+        manifest = fetch_release(store, "digits-classifier", device, dest)
+        assert {f["name"] for f in manifest["files"]} >= {"model.onnx", "weights.safetensors", "metadata.json"}
+        images = torch.randn(3, 1, *winner.input_size)
+        with torch.no_grad():
+            expected = winner.model.eval()(images).numpy()
+        np.testing.assert_allclose(onnx_logits(dest / "model.onnx", images.numpy()), expected, atol=1e-4)
+
+
+def test_cli_fetch_through_s3(first_run, services, tmp_path):
+    dest = tmp_path / "cli"
+    out = subprocess.run([sys.executable, "-m", "podium.cli", "fetch", "--model", "digits-classifier",
+                          "--device", "cpu-1t", "--dest", str(dest), "--store", f"s3://{BUCKET}/models",
+                          "--endpoint-url", services["endpoint"]], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (dest / "model.onnx").exists() and (dest / "manifest.json").exists()
+
+
+def test_rerun_reuses_cached_training_and_keeps_aliases(first_run, services):
+    from flows.retrain import run_retrain
+
+    result, config = first_run
+    before = aliases(services)
+    again = run_retrain(str(config), str(REPO))
+    assert sorted(again.cached_methods) == sorted(METHODS)
+    assert again.data_hash == result.data_hash
+    assert aliases(services) == before
+    assert all(not o.alias_moved and "unchanged" in o.reason for o in again.outcomes)
+
+
+def test_bad_data_stops_the_flow_and_changes_nothing(first_run, services, tmp_path):
+    """A corrupted PNG in a DVC-tracked dataset: validation fails, no alias or pointer moves."""
+    from flows.retrain import run_retrain
+    from podium.validation import DataValidationError
+
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "data" / "digits", project / "data" / "digits")
+    victim = sorted((project / "data" / "digits" / "train" / "3").glob("*.png"))[0]
+    victim.write_bytes(victim.read_bytes()[:20])  # truncated
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=project, check=True)
+    config = write_config(services, tmp_path / "bad.yaml")
+    raw = yaml.safe_load(config.read_text())
+    raw["data"].update({"stage": None})
+    config.write_text(yaml.safe_dump(raw))
+    before_aliases, before_current = aliases(services), currents(services)
+    with pytest.raises(DataValidationError, match="decodable|truncated|3/"):
+        run_retrain(str(config), str(project))
+    assert aliases(services) == before_aliases
+    assert currents(services) == before_current
