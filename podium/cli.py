@@ -90,7 +90,7 @@ def data_import(path: Path, name: str = typer.Option(..., help="dataset name: da
         from podium.data import import_imagefolder
 
         root = import_imagefolder(path, project_dir, name, val_fraction, test_fraction, seed)
-        typer.echo(f"imported {path} -> {root} (DVC md5 {dvc_ops.dataset_hash(project_dir, root.relative_to(project_dir.resolve()) if root.is_absolute() else root)})")
+        typer.echo(f"imported {path} -> {root} (DVC md5 {dvc_ops.dataset_hash(project_dir, root)})")
 
     _run(action)
 
