@@ -138,6 +138,35 @@ def models(config: Path = typer.Option(Path("configs/demo.yaml"))) -> None:
     _run(action)
 
 
+@app.command()
+def rollback(model: str = typer.Option(...), device: str = typer.Option(...),
+             config: Path = typer.Option(Path("configs/demo.yaml")),
+             project_dir: Path = typer.Option(Path("."))) -> None:
+    """Move a device's alias back to the previous champion and make its release current again."""
+
+    def action() -> None:
+        from podium.config import load_config
+        from registry.mlflow_registry import ModelRegistry, RegistryError
+        from registry.release import set_current
+        from registry.store import open_store
+
+        cfg = load_config(config)
+        registry = ModelRegistry(cfg.tracking.uri, cfg.tracking.artifact_root)
+        champion = registry.version_by_alias(model, device)
+        if champion is None:
+            raise RegistryError(f"model {model!r} has no alias {device!r}")
+        previous = champion.tags.get("previous_version")
+        if not previous:
+            raise RegistryError(f"{model}@{device} (v{champion.version}) has no previous champion to roll back to")
+        store_uri = cfg.store.uri if "://" in cfg.store.uri else str(project_dir / cfg.store.uri)
+        set_current(open_store(store_uri, cfg.store.endpoint_url), model, device, previous)  # store first: verified
+        registry.set_alias(model, device, previous)
+        registry.set_version_tags(model, champion.version, {"promotion": "rolled-back"})
+        typer.echo(f"{model}@{device}: v{champion.version} -> v{previous} (registry alias and store current.json)")
+
+    _run(action)
+
+
 @space_app.command("show")
 def space_show(method: str, config: Path = typer.Option(Path("configs/demo.yaml"))) -> None:
     """Print the size and members of a method's space for the configured anchors/data shape."""
