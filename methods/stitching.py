@@ -21,6 +21,7 @@ Pieces, timm style:
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import random
 from collections import defaultdict
@@ -518,9 +519,16 @@ class StitchSpace:
     def __len__(self) -> int:
         return len(self.results)
 
+    def write_artifacts(self, folder: Path) -> list[Path]:
+        """The Pareto table (JSON) and plot (PNG) of every configuration, for the run's records."""
+        rows = pareto_rows(self)
+        table = Path(folder) / "stitching_pareto.json"
+        table.write_text(json.dumps(rows, indent=1))
+        return [table, plot_pareto(rows, Path(folder) / "stitching_pareto.png")]
+
     def candidates(self, device: Any = None) -> Iterator[Candidate]:
         for r in self.results:
-            yield Candidate(name=r.config.name, method=Stitching.name, config=config_dict(r.config, self.anchor_names,
+            yield Candidate(name=f"sn-{r.config.name}", method=Stitching.name, config=config_dict(r.config, self.anchor_names,
                                                                                              self.settings),
                             model=r.model, input_size=self.input_size, metrics=dict(r.metrics))
 
