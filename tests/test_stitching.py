@@ -1,6 +1,8 @@
 """SN-Net stitching: stitch space rules, least-squares layers, exact identity stitches, export, fit."""
 from __future__ import annotations
 
+import json
+
 import copy
 import itertools
 
@@ -190,7 +192,7 @@ def test_short_fit_yields_candidates_with_metrics(digits, anchors, tmp_path):
         assert cand.metrics["flops"] == count(cand.model, SIZE, 1).flops
         assert not cand.model.training and cand.method == "stitching" and cand.input_size == SIZE
     anchor_acc = {c.name: c.metrics["val_acc"] for c in cands if c.config["end"] is None}
-    assert anchor_acc["large"] > 0.5  # anchors still work after joint training
+    assert anchor_acc["sn-large"] > 0.5  # anchors still work after joint training
     # callers' anchors are not mutated
     for k, v in anchors[1].model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -199,6 +201,8 @@ def test_short_fit_yields_candidates_with_metrics(digits, anchors, tmp_path):
     assert [r["flops"] for r in rows] == sorted(r["flops"] for r in rows)
     png = plot_pareto(rows, tmp_path / "pareto.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table, plot = space.write_artifacts(tmp_path)
+    assert len(json.loads(table.read_text())) == 6 and plot.suffix == ".png"
 
 
 def test_as_rows_is_nhwc():
