@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Subset
 from methods.base import Anchor, Candidate, DataBundle, StrictModel
 from methods.complexity import count
 from methods.losses import soft_target_ce
-from methods.profiling import DeviceProfile, measure, measure_onnx, measure_torch
+from methods.profiling import DeviceProfile, LatencyStats, measure, measure_onnx, measure_torch
 from methods.train import TrainConfig, evaluate, fit, pick_device, recalibrate_bn, resize
 
 log = logging.getLogger("podium.shrinking")
@@ -636,6 +636,7 @@ class LatencyTable:
                                                  "max_repeats": cfg.lut_repeats, "max_seconds": cfg.lut_max_seconds})
         self.table: dict[tuple, float] = {}
         self._tmp: tempfile.TemporaryDirectory | None = None
+        self.scale, self.offset = 1.0, 0.0  # whole-network correction, see calibrate()
 
     def entry_ms(self, spec: tuple) -> float:
         if spec not in self.table:
@@ -653,8 +654,23 @@ class LatencyTable:
             self.table[spec] = stats.p50_ms
         return self.table[spec]
 
-    def predict(self, arch: Arch | dict[str, Any]) -> float:
+    def table_sum(self, arch: Arch | dict[str, Any]) -> float:
         return float(sum(self.entry_ms(spec) for spec in self.supernet.layer_specs(arch)))
+
+    def predict(self, arch: Arch | dict[str, Any]) -> float:
+        return self.scale * self.table_sum(arch) + self.offset
+
+    def calibrate(self, archs: Sequence[Arch], measured_ms: Sequence[float]) -> None:
+        """Fit measured = scale * table_sum + offset on a few whole networks.
+
+        Summed per-layer timings miss the per-network overhead (framework dispatch, memory
+        traffic between layers), so the raw sum reads low by a roughly constant share."""
+        sums = np.array([self.table_sum(a) for a in archs])
+        measured = np.asarray(measured_ms, dtype=float)
+        if len(sums) >= 2 and np.ptp(sums) > 1e-9:
+            self.scale, self.offset = (float(v) for v in np.polyfit(sums, measured, 1))
+        elif len(sums):
+            self.scale = float(measured.mean() / max(sums.mean(), 1e-9))
 
 
 # --------------------------------------------------------------------------------------------
@@ -959,8 +975,22 @@ class ShrinkSpace:
     # per-device search ----------------------------------------------------------------------
     def latency_table(self, device: DeviceProfile) -> LatencyTable:
         if device.name not in self.latency_tables:
-            self.latency_tables[device.name] = LatencyTable(self.supernet, device, self.cfg)
+            table = LatencyTable(self.supernet, device, self.cfg)
+            anchors = [self.space.uniform(self.units, w) for w in ("max", "mid", "min")]
+            table.calibrate(anchors, [self.measure_arch(a, device).p50_ms for a in anchors])
+            self.latency_tables[device.name] = table
         return self.latency_tables[device.name]
+
+    def measure_arch(self, arch: Arch, device: DeviceProfile, net: nn.Module | None = None) -> LatencyStats:
+        """Real latency of a whole extracted sub-network on the device's runtime."""
+        net = net if net is not None else extract_subnet(self.supernet, arch).eval()
+        shape = (self.supernet.in_chans, arch.resolution, arch.resolution)
+        if device.runtime == "onnxruntime":
+            from methods.export import export_onnx
+
+            with tempfile.TemporaryDirectory(prefix="podium-ofa-") as tmp:
+                return measure(net, shape, device, export_onnx(net, shape, Path(tmp) / "model.onnx"))
+        return measure(net, shape, device)
 
     def search(self, device: DeviceProfile) -> list[SearchResult]:
         table = self.latency_table(device)
@@ -975,14 +1005,7 @@ class ShrinkSpace:
         metrics: dict[str, float] = {"val_acc": evaluate(net, self.data.val, size)}
         metrics.update({k: float(v) for k, v in count(net, size, self.supernet.in_chans).as_dict().items()})
         if device is not None:
-            shape = (self.supernet.in_chans, *size)
-            if device.runtime == "onnxruntime":
-                from methods.export import export_onnx
-
-                with tempfile.TemporaryDirectory(prefix="podium-ofa-") as tmp:
-                    stats = measure(net, shape, device, export_onnx(net, shape, Path(tmp) / "model.onnx"))
-            else:
-                stats = measure(net, shape, device)
+            stats = self.measure_arch(arch, device, net)
             metrics.update(p50_ms=stats.p50_ms, p90_ms=stats.p90_ms, latency_budget_ms=device.latency_budget_ms)
         metrics.update(extra or {})
         return Candidate(name=arch.name, method=Shrinking.name, config=arch.to_dict(), model=net,
