@@ -21,7 +21,7 @@ from tasks.data import validate_data, version_dataset
 from tasks.profile import profile_candidates
 from tasks.release import Outcome, promote_and_publish, select_winner
 from tasks.report import write_report
-from tasks.train import train_method
+from tasks.train import offer_candidates, train_method, training_key
 
 
 @dataclass
@@ -72,10 +72,15 @@ def retrain(config_path: str = "configs/demo.yaml", project_dir: str = ".") -> R
         validate_data(ctx, ref)
         anchors, teacher, anchor_candidates = acquire_anchors(ctx, ref)
 
-        trainer = train_method.with_options(result_storage=ctx.cache_path / "results")
-        futures = [trainer.submit(ctx, ref, method, anchors, teacher, devices) for method in cfg.methods]
-        candidates = merge_candidates(devices, anchor_candidates, [f.result() for f in futures])
-        cached = [m for m, f in zip(cfg.methods, futures) if f.state.name == "Cached"]
+        results = ctx.cache_path / "results"
+        futures = {m: train_method.with_options(result_storage=results).submit(ctx, ref, m, anchors, teacher)
+                   for m in cfg.methods}
+        spaces = {m: f.result() for m, f in futures.items()}  # every training done before any search
+        offered = [offer_candidates.with_options(result_storage=results)(
+                       ctx, m, space, devices, training_key(ctx, ref, m, anchors, teacher))
+                   for m, space in spaces.items()]  # one at a time: a space may measure latency while searching
+        candidates = merge_candidates(devices, anchor_candidates, offered)
+        cached = [m for m, f in futures.items() if f.state.name == "Cached"]
 
         stats, exports = profile_candidates(ctx, candidates, devices, load_data(ctx, ref).input_spec.channels)
         outcomes, winners = [], {}

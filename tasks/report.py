@@ -34,13 +34,13 @@ def device_rows(candidates: list[Candidate], stats: dict[str, LatencyStats], dev
 
 
 def format_table(device: DeviceProfile, rows: list[dict], outcome: Outcome | None) -> str:
-    header = f"{'candidate':<34} {'method':<12} {'val_acc':>7} {'p50 ms':>8} {'budget':>7}  winner"
+    header = f"{'candidate':<46} {'method':<12} {'val_acc':>7} {'p50 ms':>8} {'budget':>7}  winner"
     lines = [f"== {device.name} ({device.runtime}, {device.threads} thread(s), batch {device.batch_size}) ==",
              header, "-" * len(header)]
     for r in rows:
         p50 = f"{r['p50_ms']:.3f}" if r["p50_ms"] is not None else "n/a"
         mark = "*" if r["winner"] else ("" if r["p50_ms"] is not None and r["p50_ms"] <= r["budget_ms"] else "over")
-        lines.append(f"{r['candidate'][:34]:<34} {r['method']:<12} {r['val_acc']:>7.4f} {p50:>8} "
+        lines.append(f"{r['candidate'][:46]:<46} {r['method']:<12} {r['val_acc']:>7.4f} {p50:>8} "
                      f"{r['budget_ms']:>7.2f}  {mark}")
     if outcome is not None:
         alias = f"alias {device.name} -> v{outcome.version}" if outcome.alias_moved else "alias unchanged"

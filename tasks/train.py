@@ -1,7 +1,10 @@
-"""Method training: fit one method on the data and anchors, collect its candidates per device.
+"""Method training (``train_method``, concurrent) and candidate collection (``offer_candidates``,
+sequential, since a space may measure latency while searching, e.g. OFA, and must not share the
+CPU with a training).
 
-Cached across runs: the key holds the data hash, the method's config, the anchors' weights, the
-target devices and the method's source, so unchanged inputs never retrain.
+Both are cached across runs: the key holds the data hash, the method's config, the anchors'
+weights, the method's source (and, for the offer, the target devices), so unchanged inputs
+never retrain or re-search.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from prefect.context import TaskRunContext
 
 import methods.base
 import methods.train
-from methods.base import Anchor, Candidate
+from methods.base import Anchor, Candidate, CandidateSpace
 from methods.catalog import method_class
 from methods.profiling import DeviceProfile
 from tasks.common import DatasetRef, RunContext, load_data, source_digest, state_digest
@@ -26,19 +29,25 @@ from tasks.common import DatasetRef, RunContext, load_data, source_digest, state
 log = logging.getLogger("podium.tasks.train")
 
 
-def method_cache_key(_context: TaskRunContext, params: dict[str, Any]) -> str:
-    ctx: RunContext = params["ctx"]
-    name: str = params["method"]
+def training_key(ctx: RunContext, ref: DatasetRef, method: str, anchors: list[Anchor], teacher: Anchor | None) -> str:
     parts = {
-        "data": params["ref"].data_hash,
-        "config": ctx.cfg.methods[name],
+        "data": ref.data_hash,
+        "config": ctx.cfg.methods[method],
         "data_cfg": ctx.cfg.data.model_dump(mode="json", include={"image_size", "batch_size"}),
-        "anchors": [state_digest(a.model) for a in params["anchors"]],
-        "teacher": params["teacher"].name if params["teacher"] else None,
-        "devices": [d.model_dump(mode="json") for d in params["devices"]],
-        "code": source_digest(importlib.import_module(f"methods.{name}"), methods.train, methods.base),
+        "anchors": [state_digest(a.model) for a in anchors],
+        "teacher": teacher.name if teacher else None,
+        "code": source_digest(importlib.import_module(f"methods.{method}"), methods.train, methods.base),
     }
-    return f"{name}-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+    return f"{method}-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _train_cache_key(_context: TaskRunContext, params: dict[str, Any]) -> str:
+    return "train-" + training_key(params["ctx"], params["ref"], params["method"], params["anchors"], params["teacher"])
+
+
+def _offer_cache_key(_context: TaskRunContext, params: dict[str, Any]) -> str:
+    devices = json.dumps([d.model_dump(mode="json") for d in params["devices"]], sort_keys=True)
+    return f"offer-{params['training_key']}-" + hashlib.sha256(devices.encode()).hexdigest()[:16]
 
 
 def _log_space_report(ctx: RunContext, name: str, space: Any) -> None:
@@ -65,14 +74,20 @@ def _flat_numbers(report: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-@task(name="train-method", cache_key_fn=method_cache_key, persist_result=True)
-def train_method(ctx: RunContext, ref: DatasetRef, method: str, anchors: list[Anchor], teacher: Anchor | None,
-                 devices: list[DeviceProfile]) -> dict[str, list[Candidate]]:
-    """Fit ``method``; returns the candidates it offers each device (its space may search per device)."""
+@task(name="train-method", cache_key_fn=_train_cache_key, persist_result=True)
+def train_method(ctx: RunContext, ref: DatasetRef, method: str, anchors: list[Anchor],
+                 teacher: Anchor | None) -> CandidateSpace:
+    """Fit ``method`` on the data (and the anchors/teacher where it uses them); returns its space."""
     data = load_data(ctx, ref)
     space = method_class(method)(ctx.cfg.method_config(method)).fit(data, anchors, teacher)
-    per_device = {device.name: list(space.candidates(device)) for device in devices}
     _log_space_report(ctx, method, space)
-    count = len({c.name for cands in per_device.values() for c in cands})
-    log.info("%s: %d candidates", method, count)
+    return space
+
+
+@task(name="offer-candidates", cache_key_fn=_offer_cache_key, persist_result=True)
+def offer_candidates(ctx: RunContext, method: str, space: CandidateSpace, devices: list[DeviceProfile],
+                     training_key: str) -> dict[str, list[Candidate]]:
+    """The candidates ``space`` offers each device (a space may search per device)."""
+    per_device = {device.name: list(space.candidates(device)) for device in devices}
+    log.info("%s: %d candidates", method, len({c.name for cands in per_device.values() for c in cands}))
     return per_device
