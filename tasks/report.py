@@ -86,6 +86,24 @@ def winners_markdown(outcomes: list[Outcome], tables: dict[str, list[dict]]) -> 
     return "\n".join(lines)
 
 
+def _log_runtime_correlation(ctx: RunContext, device: DeviceProfile, candidates: list[Candidate],
+                             stats: dict[str, LatencyStats], folder: Path) -> None:
+    """The scaling paper's analysis on this device: measured latency vs flops, params and acts."""
+    from methods.scaling import plot_runtime_correlation, runtime_correlation
+
+    records = [{"name": c.name, "p50_ms": stats[c.name].p50_ms, **{k: c.metrics[k] for k in ("flops", "params", "acts")}}
+               for c in candidates if c.method == "scaling" and c.name in stats]
+    if len(records) < 3:
+        return
+    corr = runtime_correlation(records)
+    ctx.registry.log_metrics(ctx.run_id, {k: v for k, v in corr.items() if k.startswith("r_")},
+                             prefix=f"scaling.{device.name}.")
+    ctx.registry.log_dict(ctx.run_id, {"correlation": corr, "records": records},
+                          f"report/scaling_runtime_{device.name}.json")
+    plot = plot_runtime_correlation(records, folder / f"scaling_runtime_{device.name}.png", device.name)
+    ctx.registry.log_artifact(ctx.run_id, plot, "report")
+
+
 @task(name="run-report")
 def write_report(ctx: RunContext, devices: list[DeviceProfile], candidates: dict[str, list[Candidate]],
                  stats: dict[str, dict[str, LatencyStats]], outcomes: list[Outcome]) -> str:
@@ -103,6 +121,8 @@ def write_report(ctx: RunContext, devices: list[DeviceProfile], candidates: dict
                 ctx.registry.log_artifact(ctx.run_id, plot_device(device, rows, Path(tmp) / f"{device.name}.png"),
                                           "report")
             ctx.registry.log_dict(ctx.run_id, rows, f"report/{device.name}.json")
+            _log_runtime_correlation(ctx, device, candidates.get(device.name, []), stats.get(device.name, {}),
+                                     Path(tmp))
         summary = winners_markdown(outcomes, tables)
         ctx.registry.log_text(ctx.run_id, summary + "\n", "report/winners.md")
     return "\n\n".join(texts) + "\n\n" + summary
