@@ -43,7 +43,9 @@ def _run(action: Callable[[], object]) -> None:
 
 
 def _project_env(project_dir: Path) -> None:
-    os.environ.setdefault("PREFECT_HOME", str(project_dir.resolve() / ".podium" / "prefect"))
+    """Keep Prefect's ephemeral database inside the project (created: SQLite will not make the folder)."""
+    home = Path(os.environ.setdefault("PREFECT_HOME", str(project_dir.resolve() / ".podium" / "prefect")))
+    home.mkdir(parents=True, exist_ok=True)
 
 
 @app.command()
@@ -180,6 +182,22 @@ def space_show(method: str, config: Path = typer.Option(Path("configs/demo.yaml"
         for row in rows:
             typer.echo(json.dumps(row, default=str))
         typer.echo(f"{method}: {len(rows)} rows")
+
+    _run(action)
+
+
+@app.command("deploy-profiler")
+def deploy_profiler(work_pool: str = typer.Option(..., help="the device's Prefect work pool (inventory `work_pool`)"),
+                    source: Path = typer.Option(Path("."), help="repository checkout the worker runs the flow from"),
+                    ) -> None:
+    """Create or update the `profile` deployment that a worker on a remote device runs for its pool."""
+
+    def action() -> None:
+        from flows.profile import deploy_profiler as deploy
+
+        name = deploy(work_pool, source.resolve())
+        typer.echo(f"deployment {name} -> work pool {work_pool}; on the device run: "
+                   f"prefect worker start --pool {work_pool} --type process")
 
     _run(action)
 
