@@ -308,7 +308,7 @@ class ScalingConfig(StrictModel):
     distill: bool = False  # KD from the teacher anchor (or, without one, from the largest scaled model)
     kd_temperature: float = Field(1.0, gt=0)
     kd_weight: float = Field(0.5, ge=0, le=1)
-    train: TrainConfig = TrainConfig(epochs=6.0, max_steps=120, lr=0.05, warmup_steps=10)
+    train: TrainConfig = TrainConfig(epochs=6.0, max_steps=120, lr=0.2, warmup_steps=10)  # 0.05: 76% val, 0.2: 97% (digits, s=1)
 
     @model_validator(mode="before")
     @classmethod
