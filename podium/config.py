@@ -61,6 +61,7 @@ class AnchorConfig(StrictModel):
 class DevicesConfig(StrictModel):
     inventory: str = str(DEFAULT_INVENTORY)
     use: list[str] = Field(default_factory=lambda: ["cpu-1t", "cpu-2t-onnx"])
+    remote_timeout_s: float = Field(900.0, gt=0)  # wait for a work-pool device's profile run (queue + measure)
 
 
 class RuntimeConfig(StrictModel):

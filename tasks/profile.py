@@ -3,12 +3,20 @@
 Exports live under ``<cache>/exports/<digest>/`` and measurements in ``<cache>/latency.json``
 keyed by (model digest, device settings), so an unchanged model is never re-exported or
 re-measured.
+
+Devices with a ``work_pool`` are measured remotely: the exports go to the run's artifact store
+under ``profiling/<digest>/``, the ``profile`` deployment of that pool (`flows.profile`) runs on a
+worker on the device, and its answer comes back through the store. A device that does not answer
+within the timeout, or whose run fails, stays unprofiled (no stats, so no winner) while the other
+devices finish.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,18 +77,23 @@ class LatencyCache:
 
 @task(name="profile-candidates")
 def profile_candidates(ctx: RunContext, candidates: dict[str, list[Candidate]], devices: list[DeviceProfile],
-                       channels: int) -> tuple[dict[str, dict[str, LatencyStats]], dict[str, ExportedModel]]:
+                       channels: int, remote_timeout_s: float = 900.0,
+                       ) -> tuple[dict[str, dict[str, LatencyStats]], dict[str, ExportedModel]]:
     """Measure each device's candidates on that device (sequentially: measurements must not overlap).
+
+    Local devices are measured here; devices with a ``work_pool`` afterwards, one remote run each
+    (see `profile_remote`), waiting at most ``remote_timeout_s`` (config ``devices.remote_timeout_s``)
+    per device. An unreachable or failing remote device is left out of ``stats`` (unprofiled).
 
     Returns (stats[device][candidate], exports[candidate]).
     """
     cache = LatencyCache(ctx.cache_path / "latency.json")
     exports: dict[str, ExportedModel] = {}
     stats: dict[str, dict[str, LatencyStats]] = {}
+    remote: list[DeviceProfile] = []
     for device in devices:
         if device.work_pool:
-            log.warning("device %s runs on work pool %s: remote profiling is not available in this run; unprofiled",
-                        device.name, device.work_pool)
+            remote.append(device)
             continue
         stats[device.name] = {}
         for cand in candidates.get(device.name, []):
@@ -93,4 +106,130 @@ def profile_candidates(ctx: RunContext, candidates: dict[str, list[Candidate]], 
                 cache.put(key, measured)
             stats[device.name][cand.name] = measured
         log.info("profiled %d candidates on %s", len(stats[device.name]), device.name)
+    for device in remote:
+        device_cands = candidates.get(device.name, [])
+        for cand in device_cands:
+            exports[cand.name] = exports.get(cand.name) or export_candidate(ctx, cand, channels)
+        measured = profile_remote(ctx, device, {c.name: exports[c.name] for c in device_cands}, cache,
+                                  remote_timeout_s)
+        if measured is not None:
+            stats[device.name] = measured
+            log.info("profiled %d candidates on %s (work pool %s)", len(measured), device.name, device.work_pool)
     return stats, exports
+
+
+# ------------------------------------------------------------------------------ remote devices
+
+REMOTE_POLL_S = 2.0
+
+
+def profiler_deployment(work_pool: str) -> str:
+    """The full name (``flow/deployment``) of the profile deployment serving ``work_pool``."""
+    return f"profile/{work_pool}"
+
+
+def _store_for(ctx: RunContext) -> tuple[str, str | None]:
+    """The run's artifact store as (uri, endpoint): a relative folder resolves against the project."""
+    uri = ctx.cfg.store.uri
+    if "://" not in uri and not Path(uri).is_absolute():
+        uri = str((ctx.project_path / uri).resolve())
+    return uri, ctx.cfg.store.endpoint_url
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def upload_exports(store, exports: dict[str, ExportedModel]) -> list[dict]:
+    """Put each export under ``profiling/<digest>/`` (content-addressed: skipped when present).
+
+    Returns the JSON model list the ``profile`` flow expects.
+    """
+    models = []
+    for name, exported in exports.items():
+        prefix = f"profiling/{exported.digest[:24]}"
+        onnx_key, weights_key = f"{prefix}/model.onnx", f"{prefix}/weights.safetensors"
+        for key, path in ((onnx_key, exported.onnx), (weights_key, exported.weights)):
+            if not store.exists(key):
+                store.put_file(key, path)
+        models.append({"name": name, "onnx": onnx_key, "weights": weights_key,
+                       "onnx_sha256": _sha256(exported.onnx), "input_shape": list(exported.input_shape)})
+    return models
+
+
+def _cancel(flow_run_id) -> None:
+    """Cancel a run that outlived its timeout so a late worker does not spend the device on it."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run_id, Cancelled(message="podium: profiling timeout"), force=True)
+    except Exception as exc:  # noqa: BLE001 - best effort; the device is already reported unprofiled
+        log.warning("could not cancel profile run %s: %s", flow_run_id, exc)
+
+
+def profile_remote(ctx: RunContext, device: DeviceProfile, exports: dict[str, ExportedModel],
+                   cache: LatencyCache, timeout_s: float) -> dict[str, LatencyStats] | None:
+    """Measure ``exports`` on ``device`` through its work pool; None (and a warning) when it cannot.
+
+    Cached measurements are reused; only the rest travel. Stats from the device are cached like
+    local ones (same key: model digest + device settings).
+    """
+    from prefect.deployments import run_deployment
+
+    from registry.store import StoreError, open_store
+
+    result: dict[str, LatencyStats] = {}
+    missing: dict[str, ExportedModel] = {}
+    for name, exported in exports.items():
+        cached = cache.get(_measurement_key(exported.digest, device))
+        if cached is None:
+            missing[name] = exported
+        else:
+            result[name] = cached
+    if not missing:
+        return result
+
+    deployment = profiler_deployment(device.work_pool)
+    uri, endpoint = _store_for(ctx)
+    result_key = f"profiling/results/{device.name}-{uuid.uuid4().hex}.json"
+    try:
+        store = open_store(uri, endpoint)
+        parameters = {"device": device.model_dump(mode="json"), "models": upload_exports(store, missing),
+                      "store_uri": uri, "store_endpoint_url": endpoint, "result_key": result_key}
+        flow_run = run_deployment(name=deployment, parameters=parameters, timeout=timeout_s,
+                                  poll_interval=min(REMOTE_POLL_S, timeout_s),
+                                  tags=["podium-profile", f"device:{device.name}"])
+    except Exception as exc:  # noqa: BLE001 - any failure to start leaves just this device unprofiled
+        log.warning("device %s (work pool %s) unprofiled: could not run %s: %s",
+                    device.name, device.work_pool, deployment, exc)
+        return None
+
+    state = flow_run.state
+    if state is None or not state.is_final():
+        log.warning("device %s (work pool %s) unprofiled: no answer from %s within %.0f s (run %s, state %s)",
+                    device.name, device.work_pool, deployment, timeout_s, flow_run.id,
+                    state.name if state else "none")
+        _cancel(flow_run.id)
+        return None
+    if not state.is_completed():
+        log.warning("device %s (work pool %s) unprofiled: run %s ended %s: %s",
+                    device.name, device.work_pool, flow_run.id, state.name, state.message or "")
+        return None
+    try:
+        answer = json.loads(store.get_bytes(result_key))
+        store.delete(result_key)
+        for name, exported in missing.items():
+            stats = LatencyStats(**answer[name])
+            cache.put(_measurement_key(exported.digest, device), stats)
+            result[name] = stats
+    except (StoreError, KeyError, TypeError, ValueError) as exc:
+        log.warning("device %s (work pool %s) unprofiled: bad answer from run %s: %s",
+                    device.name, device.work_pool, flow_run.id, exc)
+        return None
+    return result
