@@ -82,7 +82,8 @@ def retrain(config_path: str = "configs/demo.yaml", project_dir: str = ".") -> R
         candidates = merge_candidates(devices, anchor_candidates, offered)
         cached = [m for m, f in futures.items() if f.state.name == "Cached"]
 
-        stats, exports = profile_candidates(ctx, candidates, devices, load_data(ctx, ref).input_spec.channels)
+        stats, exports = profile_candidates(ctx, candidates, devices, load_data(ctx, ref).input_spec.channels,
+                                            cfg.devices.remote_timeout_s)
         outcomes, winners = [], {}
         for device in devices:
             device_stats = stats.get(device.name, {})

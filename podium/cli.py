@@ -193,7 +193,7 @@ def deploy_profiler(work_pool: str = typer.Option(..., help="the device's Prefec
     """Create or update the `profile` deployment that a worker on a remote device runs for its pool."""
 
     def action() -> None:
-        from flows.profile import deploy_profiler as deploy
+        from flows.device_profile import deploy_profiler as deploy
 
         name = deploy(work_pool, source.resolve())
         typer.echo(f"deployment {name} -> work pool {work_pool}; on the device run: "

@@ -5,7 +5,7 @@ keyed by (model digest, device settings), so an unchanged model is never re-expo
 re-measured.
 
 Devices with a ``work_pool`` are measured remotely: the exports go to the run's artifact store
-under ``profiling/<digest>/``, the ``profile`` deployment of that pool (`flows.profile`) runs on a
+under ``profiling/<digest>/``, the ``profile`` deployment of that pool (`flows.device_profile`) runs on a
 worker on the device, and its answer comes back through the store. A device that does not answer
 within the timeout, or whose run fails, stays unprofiled (no stats, so no winner) while the other
 devices finish.

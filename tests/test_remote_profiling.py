@@ -60,7 +60,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """A real Prefect server, the profile deployment on two pools, and a worker on one of them."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.profile import deploy_profiler
+    from flows.device_profile import deploy_profiler
 
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
@@ -175,7 +175,7 @@ def test_silent_pool_times_out_unprofiled_while_local_device_is_measured(prefect
 
 def test_torch_device_is_measured_on_the_onnx_graph_and_labelled_so(tmp_path: Path) -> None:
     """The device-side function, no server: a torch device gets ONNX Runtime stats, honestly labelled."""
-    from flows.profile import ProfileRequestError, measure_models
+    from flows.device_profile import ProfileRequestError, measure_models
 
     store = open_store(tmp_path / "store")
     onnx = export_onnx(Tiny(4).eval(), (1, 8, 8), tmp_path / "m.onnx")

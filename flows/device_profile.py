@@ -52,7 +52,7 @@ def measure_models(device: DeviceProfile, models: list[dict[str, Any]], store: A
     Models are measured one after another (measurements must not overlap on the device). Any bad
     model fails the whole request: a partial answer would silently drop candidates from the race.
     """
-    log = logger or logging.getLogger("podium.flows.profile")
+    log = logger or logging.getLogger("podium.flows.device_profile")
     if device.runtime == "torch":
         log.warning("device %s asks for runtime torch: measuring the exported ONNX graph with ONNX Runtime "
                     "instead (a remote device never rebuilds PyTorch modules); stats are labelled onnxruntime",
@@ -105,6 +105,6 @@ def deploy_profiler(work_pool: str, source: Path | str = REPO_ROOT) -> str:
     from tasks.profile import profiler_deployment
 
     flow_name, deployment_name = profiler_deployment(work_pool).split("/", 1)
-    remote = profile.from_source(source=str(source), entrypoint="flows/profile.py:profile")
+    remote = profile.from_source(source=str(source), entrypoint="flows/device_profile.py:profile")
     remote.deploy(name=deployment_name, work_pool_name=work_pool, print_next_steps=False)
     return f"{flow_name}/{deployment_name}"
