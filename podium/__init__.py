@@ -9,6 +9,7 @@ for _key, _value in {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "DVC_NO_ANALYTICS": "1",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "podium",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # CLI commands outside a flow (fetch) log locally
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # first start runs migrations
 }.items():
     os.environ.setdefault(_key, _value)
