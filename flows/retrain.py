@@ -21,6 +21,7 @@ from tasks.data import validate_data, version_dataset
 from tasks.profile import profile_candidates
 from tasks.release import Outcome, promote_and_publish, select_winner
 from tasks.report import write_report
+from tasks.runs import config_digest, last_completed_run, promotion_lock
 from tasks.train import offer_candidates, train_method, training_key
 
 
@@ -32,6 +33,7 @@ class RetrainResult:
     winners: dict[str, Candidate]
     cached_methods: list[str]  # methods whose training was reused from the task cache
     report: str
+    skipped: bool = False  # ended early: data and config equal the last completed run's
 
 
 def git_sha(project_dir: Path) -> str:
@@ -56,19 +58,34 @@ def merge_candidates(devices: list[DeviceProfile], anchors: list[Candidate],
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(config_path: str = "configs/demo.yaml", project_dir: str = ".") -> RetrainResult:
+def retrain(config_path: str = "configs/demo.yaml", project_dir: str = ".",
+            skip_if_unchanged: bool = False) -> RetrainResult:
+    """``skip_if_unchanged`` (scheduled deployments): end right after the dataset is versioned when
+    its hash and the config equal the last completed run's. Off by default: interactive runs re-run
+    every step (cached trainings make that fast)."""
     cfg: PodiumConfig = load_config(config_path)
     devices = select_devices(load_inventory(Path(cfg.devices.inventory)), cfg.devices.use, config_path)
     project = Path(project_dir).resolve()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.runtime.max_workers))
 
     registry = ModelRegistry(cfg.tracking.uri, str(project / cfg.tracking.artifact_root))
-    run_id = registry.start_run(cfg.tracking.experiment, "retrain", tags={"config": config_path})
+    digest = config_digest(cfg, devices)
+    run_id = registry.start_run(cfg.tracking.experiment, "retrain", tags={"config": config_path, "config_digest": digest})
     ctx = RunContext(cfg=cfg, project_dir=str(project), run_id=run_id, git_sha=git_sha(project))
     try:
         registry.log_params(run_id, cfg.model_dump(mode="json", exclude={"tracking"}))
         ref = version_dataset(ctx)
         registry.client.set_tag(run_id, "data_hash", ref.data_hash)
+        if skip_if_unchanged:
+            baseline = last_completed_run(registry, cfg.tracking.experiment, ref.data_hash, digest)
+            if baseline is not None:
+                message = (f"data {ref.data_hash} and config {digest} are unchanged since run {baseline}: "
+                           "ending early, nothing trained or promoted")
+                print(message)
+                registry.client.set_tag(run_id, "skipped", "unchanged")
+                registry.client.set_tag(run_id, "skipped_baseline", baseline)
+                registry.end_run(run_id, "FINISHED")
+                return RetrainResult(run_id, ref.data_hash, [], {}, [], message, skipped=True)
         validate_data(ctx, ref)
         anchors, teacher, anchor_candidates = acquire_anchors(ctx, ref)
 
@@ -85,16 +102,18 @@ def retrain(config_path: str = "configs/demo.yaml", project_dir: str = ".") -> R
         stats, exports = profile_candidates(ctx, candidates, devices, load_data(ctx, ref).input_spec.channels,
                                             cfg.devices.remote_timeout_s)
         outcomes, winners = [], {}
-        for device in devices:
-            device_stats = stats.get(device.name, {})
-            winner = select_winner(candidates[device.name], device_stats, device)
-            if winner is not None:
-                winners[device.name] = winner
-            outcomes.append(promote_and_publish(
-                ctx, ref, device, winner, device_stats.get(winner.name) if winner else None,
-                exports.get(winner.name) if winner else None))
+        with promotion_lock(ctx.cache_path, cfg.model_name):  # no two runs promote at once
+            for device in devices:
+                device_stats = stats.get(device.name, {})
+                winner = select_winner(candidates[device.name], device_stats, device)
+                if winner is not None:
+                    winners[device.name] = winner
+                outcomes.append(promote_and_publish(
+                    ctx, ref, device, winner, device_stats.get(winner.name) if winner else None,
+                    exports.get(winner.name) if winner else None))
         report = write_report(ctx, devices, candidates, stats, outcomes)
         print(report)
+        registry.client.set_tag(run_id, "completed", "true")  # last: the baseline for skip_if_unchanged
         registry.end_run(run_id, "FINISHED")
         return RetrainResult(run_id, ref.data_hash, outcomes, winners, cached, report)
     except BaseException:
@@ -102,8 +121,20 @@ def retrain(config_path: str = "configs/demo.yaml", project_dir: str = ".") -> R
         raise
 
 
-def run_retrain(config_path: str, project_dir: str = ".") -> RetrainResult:
+def run_retrain(config_path: str, project_dir: str = ".", skip_if_unchanged: bool = False) -> RetrainResult:
     """Run the flow with the task runner the config asks for."""
     cfg = load_config(config_path)  # fail on a bad config before Prefect starts
     runner = ThreadPoolTaskRunner(max_workers=cfg.runtime.max_workers)
-    return retrain.with_options(task_runner=runner)(config_path=config_path, project_dir=project_dir)
+    return retrain.with_options(task_runner=runner)(config_path=config_path, project_dir=project_dir,
+                                                    skip_if_unchanged=skip_if_unchanged)
+
+
+def serve_retrain(name: str, cron: str, config_path: str, project_dir: str = ".") -> None:
+    """Serve the flow on a cron schedule from this process (blocks until stopped).
+
+    Scheduled runs pass ``skip_if_unchanged=True``: a tick with the same data and config ends early.
+    Paths are made absolute because the runner starts each flow run in a subprocess."""
+    load_config(config_path)  # fail on a bad config before Prefect starts
+    parameters = {"config_path": str(Path(config_path).resolve()), "project_dir": str(Path(project_dir).resolve()),
+                  "skip_if_unchanged": True}
+    retrain.serve(name=name, cron=cron, parameters=parameters)

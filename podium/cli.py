@@ -202,6 +202,31 @@ def deploy_profiler(work_pool: str = typer.Option(..., help="the device's Prefec
     _run(action)
 
 
+@app.command()
+def serve(cron: str = typer.Option(..., help='cron schedule, e.g. "0 3 * * *" (daily at 03:00)'),
+          config: Path = typer.Option(Path("configs/demo.yaml"), help="pipeline config (YAML)"),
+          project_dir: Path = typer.Option(Path("."), help="the repository holding dvc.yaml and data/"),
+          name: str = typer.Option("podium-retrain", help="deployment name")) -> None:
+    """Serve the retrain flow on a cron schedule (blocks; Ctrl-C pauses the schedule).
+
+    Scheduled runs end early when the data hash and config equal the last completed run's."""
+    _project_env(project_dir)
+
+    def action() -> None:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        from flows.retrain import serve_retrain
+
+        try:
+            CronSchedule(cron=cron)
+        except ValueError:
+            raise typer.BadParameter(f"{cron!r} is not a valid cron expression", param_hint="--cron") from None
+        typer.echo(f"serving retrain/{name} on cron {cron!r} with {config} (skip_if_unchanged=True)")
+        serve_retrain(name, cron, str(config), str(project_dir))
+
+    _run(action)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 
