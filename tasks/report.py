@@ -41,7 +41,7 @@ def format_table(device: DeviceProfile, rows: list[dict], outcome: Outcome | Non
         p50 = f"{r['p50_ms']:.3f}" if r["p50_ms"] is not None else "n/a"
         mark = "*" if r["winner"] else ("" if r["p50_ms"] is not None and r["p50_ms"] <= r["budget_ms"] else "over")
         lines.append(f"{r['candidate'][:46]:<46} {r['method']:<12} {r['val_acc']:>7.4f} {p50:>8} "
-                     f"{r['budget_ms']:>7.2f}  {mark}")
+                     f"{r['budget_ms']:>7.3g}  {mark}")
     if outcome is not None:
         alias = f"alias {device.name} -> v{outcome.version}" if outcome.alias_moved else "alias unchanged"
         lines.append(f"winner: {outcome.winner or 'none'} ({alias}; {outcome.reason})")
@@ -82,7 +82,7 @@ def winners_markdown(outcomes: list[Outcome], tables: dict[str, list[dict]]) -> 
             lines.append(f"| {o.device} | none | | | | | | {o.reason} |")
             continue
         lines.append(f"| {o.device} | {o.winner} | {row['method']} | {row['val_acc']:.4f} | {row['p50_ms']:.3f} | "
-                     f"{row['budget_ms']:.2f} | v{o.version} | {'moved' if o.alias_moved else 'kept'}: {o.reason} |")
+                     f"{row['budget_ms']:.3g} | v{o.version} | {'moved' if o.alias_moved else 'kept'}: {o.reason} |")
     return "\n".join(lines)
 
 
