@@ -18,7 +18,6 @@ profiled locally (no ``work_pool``) or switched to ``runtime: onnxruntime``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -28,6 +27,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from methods.profiling import DeviceProfile, measure_onnx
+from podium.data import sha256_file
 from registry.store import ArtifactStore, open_store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -35,14 +35,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 class ProfileRequestError(ValueError):
     """A malformed request or a model file that does not match its announced checksum."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def measure_models(device: DeviceProfile, models: list[dict[str, Any]], store: ArtifactStore,
@@ -66,7 +58,7 @@ def measure_models(device: DeviceProfile, models: list[dict[str, Any]], store: A
             local = Path(tmp) / f"{i}.onnx"
             store.get_file(key, local)
             expected = model.get("onnx_sha256")
-            if expected and _sha256(local) != expected:
+            if expected and sha256_file(local) != expected:
                 raise ProfileRequestError(f"model {name!r}: {key} does not match its sha256")
             stats = measure_onnx(local, (int(shape[0]), int(shape[1]), int(shape[2])), device)
             results[name] = stats.as_dict()

@@ -15,6 +15,7 @@ from torch import nn
 from methods.base import Candidate, DataBundle
 from podium.config import PodiumConfig
 from registry.mlflow_registry import ModelRegistry
+from registry.store import ArtifactStore, open_store
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,17 @@ class RunContext:
     @property
     def project_path(self) -> Path:
         return Path(self.project_dir)
+
+    @property
+    def store_uri(self) -> str:
+        """The deployment artifact store: s3://..., or a folder (relative ones resolve against the project)."""
+        uri = self.cfg.store.uri
+        if "://" in uri or Path(uri).is_absolute():
+            return uri
+        return str((self.project_path / uri).resolve())
+
+    def open_store(self) -> ArtifactStore:
+        return open_store(self.store_uri, self.cfg.store.endpoint_url)
 
     @property
     def cache_path(self) -> Path:

@@ -12,7 +12,6 @@ devices finish.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -25,6 +24,7 @@ from prefect import task
 from methods.base import Candidate
 from methods.export import export_onnx, save_weights
 from methods.profiling import DeviceProfile, LatencyStats, measure
+from podium.data import sha256_file
 from tasks.common import RunContext, candidate_digest
 
 log = logging.getLogger("podium.tasks.profile")
@@ -128,22 +128,6 @@ def profiler_deployment(work_pool: str) -> str:
     return f"profile/{work_pool}"
 
 
-def _store_for(ctx: RunContext) -> tuple[str, str | None]:
-    """The run's artifact store as (uri, endpoint): a relative folder resolves against the project."""
-    uri = ctx.cfg.store.uri
-    if "://" not in uri and not Path(uri).is_absolute():
-        uri = str((ctx.project_path / uri).resolve())
-    return uri, ctx.cfg.store.endpoint_url
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def upload_exports(store, exports: dict[str, ExportedModel]) -> list[dict]:
     """Put each export under ``profiling/<digest>/`` (content-addressed: skipped when present).
 
@@ -157,7 +141,7 @@ def upload_exports(store, exports: dict[str, ExportedModel]) -> list[dict]:
             if not store.exists(key):
                 store.put_file(key, path)
         models.append({"name": name, "onnx": onnx_key, "weights": weights_key,
-                       "onnx_sha256": _sha256(exported.onnx), "input_shape": list(exported.input_shape)})
+                       "onnx_sha256": sha256_file(exported.onnx), "input_shape": list(exported.input_shape)})
     return models
 
 
@@ -182,7 +166,7 @@ def profile_remote(ctx: RunContext, device: DeviceProfile, exports: dict[str, Ex
     """
     from prefect.deployments import run_deployment
 
-    from registry.store import StoreError, open_store
+    from registry.store import StoreError
 
     result: dict[str, LatencyStats] = {}
     missing: dict[str, ExportedModel] = {}
@@ -196,10 +180,10 @@ def profile_remote(ctx: RunContext, device: DeviceProfile, exports: dict[str, Ex
         return result
 
     deployment = profiler_deployment(device.work_pool)
-    uri, endpoint = _store_for(ctx)
+    uri, endpoint = ctx.store_uri, ctx.cfg.store.endpoint_url
     result_key = f"profiling/results/{device.name}-{uuid.uuid4().hex}.json"
     try:
-        store = open_store(uri, endpoint)
+        store = ctx.open_store()
         parameters = {"device": device.model_dump(mode="json"), "models": upload_exports(store, missing),
                       "store_uri": uri, "store_endpoint_url": endpoint, "result_key": result_key}
         flow_run = run_deployment(name=deployment, parameters=parameters, timeout=timeout_s,

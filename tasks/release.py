@@ -21,7 +21,6 @@ from methods.profiling import DeviceProfile, LatencyStats
 from methods.train import resize
 from registry.mlflow_registry import decide_promotion, model_files
 from registry.release import publish_release, read_current
-from registry.store import open_store
 from tasks.common import DatasetRef, RunContext, load_data
 from tasks.profile import ExportedModel
 
@@ -90,8 +89,7 @@ def promote_and_publish(ctx: RunContext, ref: DatasetRef, device: DeviceProfile,
         return Outcome(device.name, None, reason=f"no candidate within {device.latency_budget_ms} ms / "
                                                   f"{device.memory_budget_mb} MB")
     registry, name = ctx.registry, ctx.cfg.model_name
-    store = open_store(ctx.cfg.store.uri if "://" in ctx.cfg.store.uri else str(ctx.project_path / ctx.cfg.store.uri),
-                       ctx.cfg.store.endpoint_url)
+    store = ctx.open_store()
     champion = registry.version_by_alias(name, device.name)
     if champion is not None and champion.tags.get("digest") == exported.digest:
         current = read_current(store, name, device.name)
