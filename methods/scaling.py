@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
@@ -620,29 +619,3 @@ def plot_runtime_correlation(records: Sequence[dict[str, Any]], path: str | Path
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def latency_records(candidates: Sequence[Candidate], profile: Any) -> list[dict[str, Any]]:
-    """Measure every candidate on ``profile`` (methods.profiling.measure) into correlation records."""
-    from methods.export import export_onnx
-    from methods.profiling import measure
-
-    records = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for c in candidates:
-            shape = (_in_chans(c.model), *c.input_size)
-            onnx_path = None
-            if profile.runtime == "onnxruntime":
-                onnx_path = Path(tmp) / f"{c.name}.onnx"
-                export_onnx(c.model, shape, onnx_path)
-            stats = measure(c.model, shape, profile, onnx_path=onnx_path)
-            records.append({"name": c.name, "flops": c.metrics["flops"], "params": c.metrics["params"],
-                            "acts": c.metrics["acts"], "p50_ms": stats.p50_ms})
-    return records
-
-
-def _in_chans(model: nn.Module) -> int:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-    raise ValueError("model has no Conv2d to infer input channels from")
