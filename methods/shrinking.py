@@ -906,7 +906,7 @@ class Shrinking:
             train_cfg = cfg.train.model_copy(update={"epochs": phase.epochs, "max_steps": phase.max_steps,
                                                      "lr": cfg.train.lr * phase.lr_mult, "seed": cfg.train.seed + i})
             result = fit(supernet, data.train, phase_loss(supernet, kd_teacher, space, phase, cfg, rng), train_cfg,
-                         name=f"shrinking/{phase.name}")
+                         name=f"shrinking/{phase.name}", rngs=[rng])
             history.append({"phase": phase.name, "steps": result.steps, "final_loss": result.final_loss,
                             "wall_s": result.wall_s, "kernels": list(space.kernels), "depths": list(space.depths),
                             "expands": list(space.expands)})

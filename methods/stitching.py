@@ -629,7 +629,7 @@ class Stitching:
                 teacher_logits = teacher_model(images)
             return hard_distillation(logits, teacher_logits, labels)
 
-        fit(supernet, data.train, loss_fn, cfg.train, name="stitching")
+        fit(supernet, data.train, loss_fn, cfg.train, name="stitching", rngs=[sample.rng])
         supernet.eval()
 
 

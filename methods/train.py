@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable, Literal, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from methods import checkpoint
 from methods.base import StrictModel
+from methods.checkpoint import TrainingEnv, capture_rng, current_env, restore_rng
 
 log = logging.getLogger("podium.train")
 
@@ -41,9 +44,13 @@ class TrainResult:
     final_loss: float
     images_per_s: float
     wall_s: float
+    resumed_at: int = 0  # the step a checkpoint let this run start from
 
 
-def pick_device(preference: str = "auto") -> torch.device:
+def pick_device(preference: str | None = None) -> torch.device:
+    """None or ``auto`` defer to the :func:`training_env` (whose ``auto`` is CUDA when present, else CPU)."""
+    if preference in (None, "auto"):
+        preference = current_env().device
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(preference)
@@ -93,23 +100,42 @@ def fit(
     *,
     name: str = "model",
     optimizer: torch.optim.Optimizer | None = None,
+    rngs: Sequence[random.Random] = (),
 ) -> TrainResult:
     """Train ``model`` (already on its device) for ``cfg`` epochs/steps minimising ``loss_fn``.
 
     ``model`` is what the optimiser updates (pass a container holding every trained part).
+    ``rngs`` are the method's own random generators (sub-network samplers): checkpointed with the
+    rest, so a resumed run draws what the uninterrupted one would. Inside a :func:`training_env`
+    with checkpoints, ``name`` is the checkpoint's name: unique within one training.
     """
+    env = current_env()
     device = model_device(model)
     optimizer = optimizer or make_optimizer(model, cfg)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a resume overwrites them
     steps = total_steps(cfg, len(loader))
+    shuffle = loader.generator  # None: the sampler draws from torch's global generator
     torch.manual_seed(cfg.seed)
+    saved = _load_checkpoint(env, name, model, optimizer, steps)
+    step, batch, loss_value = (saved["step"], saved["batch"], saved["loss"]) if saved else (0, 0, float("nan"))
+    epoch_rng = saved["epoch_rng"] if saved else None
+    if saved and step >= steps:
+        restore_rng(saved["rng"], shuffle, rngs)
     model.train()
-    step, seen, loss_value = 0, 0, float("nan")
-    start = last_log = time.perf_counter()
+    start_step, seen = step, 0
+    start = last_log = last_save = time.perf_counter()
     while step < steps:
-        for images, labels in loader:
-            if step >= steps:
-                break
+        if epoch_rng is None:
+            epoch_rng = capture_rng(shuffle, rngs)  # before the loader draws this epoch's order
+        else:
+            restore_rng(epoch_rng, shuffle, rngs)  # resuming: draw the interrupted epoch's order again
+        batches = iter(loader)
+        for _ in range(batch):  # the batches the interrupted run already trained on
+            next(batches)
+        if saved:
+            restore_rng(saved["rng"], shuffle, rngs)
+            saved = None
+        for images, labels in batches:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             scale = cosine_lr(step, steps, cfg.warmup_steps)
@@ -119,18 +145,57 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            step += 1
+            step, batch = step + 1, batch + 1
             seen += images.shape[0]
             now = time.perf_counter()
             if now - last_log >= cfg.log_every_s or step == steps:
                 loss_value = loss.item()  # sync only when reporting, not every step
                 rate = seen / max(now - start, 1e-9)
-                eta = (steps - step) * (now - start) / step
+                eta = (steps - step) * (now - start) / (step - start_step)
                 log.info("%s: epoch %.2f step %d/%d loss %.4f %.0f img/s ETA %.0fs",
                          name, step / len(loader), step, steps, loss_value, rate, eta)
                 last_log = now
+            if env.checkpoints is not None and step < steps and now - last_save >= env.every_s:
+                _save_checkpoint(env, name, model, optimizer, steps, step, batch, loss.item(), epoch_rng,
+                                 capture_rng(shuffle, rngs))
+                last_save = time.perf_counter()
+            if step >= steps:
+                break
+        else:
+            batch, epoch_rng = 0, None
+    if env.checkpoints is not None and step > start_step:  # done: a re-run skips straight to the end
+        _save_checkpoint(env, name, model, optimizer, steps, step, batch, loss_value, epoch_rng,
+                         capture_rng(shuffle, rngs))
     wall = time.perf_counter() - start
-    return TrainResult(steps=step, final_loss=loss_value, images_per_s=seen / max(wall, 1e-9), wall_s=wall)
+    return TrainResult(steps=step, final_loss=loss_value, images_per_s=seen / max(wall, 1e-9), wall_s=wall,
+                       resumed_at=start_step)
+
+
+def _save_checkpoint(env: TrainingEnv, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int,
+                     step: int, batch: int, loss: float, epoch_rng: dict | None, rng: dict) -> None:
+    state = {"name": name, "steps": steps, "step": step, "batch": batch, "loss": loss, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "epoch_rng": epoch_rng, "rng": rng}
+    env.checkpoints.save(name, checkpoint.dumps(state))
+    log.info("%s: checkpoint at step %d/%d", name, step, steps)
+
+
+def _load_checkpoint(env: TrainingEnv, name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     steps: int) -> dict | None:
+    """The saved state, already loaded into ``model`` and ``optimizer``; None to start from step 0."""
+    data = env.checkpoints.load(name) if env.checkpoints is not None else None
+    if data is None:
+        return None
+    try:
+        state = checkpoint.loads(data)
+        if state["name"] != name or state["steps"] != steps:
+            raise ValueError(f"it is for {state['name']!r} with {state['steps']} steps, not {steps}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except Exception as exc:  # noqa: BLE001 - an unusable checkpoint costs the progress, not the run
+        log.warning("%s: ignoring checkpoint (%s); training from step 0", name, str(exc).splitlines()[0][:200])
+        return None
+    log.info("%s: resumed from checkpoint at step %d/%d", name, state["step"], steps)
+    return state
 
 
 def cross_entropy_loss(model: nn.Module, label_smoothing: float = 0.0) -> LossFn:
