@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from methods import checkpoint
+from methods import checkpoint, distributed
 from methods.base import StrictModel
 from methods.checkpoint import TrainingEnv, capture_rng, current_env, restore_rng
 
@@ -136,6 +136,8 @@ def fit(
             restore_rng(saved["rng"], shuffle, rngs)
             saved = None
         for images, labels in batches:
+            seen += images.shape[0]
+            images, labels, share = distributed.shard(images, labels)  # the whole batch in one process
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             scale = cosine_lr(step, steps, cfg.warmup_steps)
@@ -143,12 +145,12 @@ def fit(
                 group["lr"] = base * scale
             loss = loss_fn(images, labels, step)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * share if share != 1.0 else loss).backward()
+            distributed.sum_gradients(model)  # no-op in one process
             optimizer.step()
             step, batch = step + 1, batch + 1
-            seen += images.shape[0]
             now = time.perf_counter()
-            if now - last_log >= cfg.log_every_s or step == steps:
+            if distributed.is_primary() and (now - last_log >= cfg.log_every_s or step == steps):
                 loss_value = loss.item()  # sync only when reporting, not every step
                 rate = seen / max(now - start, 1e-9)
                 eta = (steps - step) * (now - start) / (step - start_step)
@@ -173,6 +175,8 @@ def fit(
 
 def _save_checkpoint(env: TrainingEnv, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int,
                      step: int, batch: int, loss: float, epoch_rng: dict | None, rng: dict) -> None:
+    if not distributed.is_primary():  # every process holds the same state: one writes it
+        return
     state = {"name": name, "steps": steps, "step": step, "batch": batch, "loss": loss, "model": model.state_dict(),
              "optimizer": optimizer.state_dict(), "epoch_rng": epoch_rng, "rng": rng}
     env.checkpoints.save(name, checkpoint.dumps(state))

@@ -68,7 +68,9 @@ class RuntimeConfig(StrictModel):
     task_runner: Literal["threads", "dask"] = "threads"
     max_workers: int = Field(2, ge=1)
     dask_address: str | None = None
-    device: str = "auto"  # torch device for training: auto | cpu | cuda
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")  # auto: CUDA when present
+    checkpoint_every_s: float = Field(60.0, gt=0)  # trainings save a resumable checkpoint this often
+    processes: int = Field(1, ge=1)  # >1: each method trains data-parallel on this many torchrun processes
     cache_dir: str = ".podium"
 
 
