@@ -12,14 +12,17 @@ devices finish.
 """
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from methods.base import Candidate
 from methods.export import export_onnx, save_weights
@@ -75,15 +78,18 @@ class LatencyCache:
             tmp.replace(self.path)
 
 
-@task(name="profile-candidates")
+# cache_policy=NO_CACHE: never reused across runs, and Prefect's default policy would hash every input
+# (cloudpickling every model passed in: about 1 s per call) just to look for a cache entry.
+@task(name="profile-candidates", cache_policy=NO_CACHE)
 def profile_candidates(ctx: RunContext, candidates: dict[str, list[Candidate]], devices: list[DeviceProfile],
                        channels: int, remote_timeout_s: float = 900.0,
                        ) -> tuple[dict[str, dict[str, LatencyStats]], dict[str, ExportedModel]]:
-    """Measure each device's candidates on that device (sequentially: measurements must not overlap).
+    """Measure each device's candidates on that device.
 
-    Local devices are measured here; devices with a ``work_pool`` afterwards, one remote run each
-    (see `profile_remote`), waiting at most ``remote_timeout_s`` (config ``devices.remote_timeout_s``)
-    per device. An unreachable or failing remote device is left out of ``stats`` (unprofiled).
+    Local devices are measured here, one after another (measurements on this CPU must not overlap);
+    devices with a ``work_pool`` afterwards, all at once, one remote run each (see `profile_remote`),
+    waiting at most ``remote_timeout_s`` (config ``devices.remote_timeout_s``). An unreachable or
+    failing remote device is left out of ``stats`` (unprofiled).
 
     Returns (stats[device][candidate], exports[candidate]).
     """
@@ -107,15 +113,32 @@ def profile_candidates(ctx: RunContext, candidates: dict[str, list[Candidate]], 
             stats[device.name][cand.name] = measured
         log.info("profiled %d candidates on %s", len(stats[device.name]), device.name)
     for device in remote:
-        device_cands = candidates.get(device.name, [])
-        for cand in device_cands:
+        for cand in candidates.get(device.name, []):
             exports[cand.name] = exports.get(cand.name) or export_candidate(ctx, cand, channels)
-        measured = profile_remote(ctx, device, {c.name: exports[c.name] for c in device_cands}, cache,
-                                  remote_timeout_s)
+    stats.update(profile_remote_devices(ctx, remote, candidates, exports, cache, remote_timeout_s))
+    return stats, exports
+
+
+def profile_remote_devices(ctx: RunContext, devices: list[DeviceProfile], candidates: dict[str, list[Candidate]],
+                           exports: dict[str, ExportedModel], cache: LatencyCache, timeout_s: float,
+                           ) -> dict[str, dict[str, LatencyStats]]:
+    """Every work-pool device at once: each measures on its own hardware, so the waits overlap
+    (a silent device costs ``timeout_s`` once, not once per device). Threads run in a copy of this
+    context: Prefect's settings (the API URL) and the parent task run live in context variables."""
+    if not devices:
+        return {}
+    with ThreadPoolExecutor(max_workers=len(devices), thread_name_prefix="profile-remote") as pool:
+        futures = {device.name: pool.submit(contextvars.copy_context().run, profile_remote, ctx, device,
+                                            {c.name: exports[c.name] for c in candidates.get(device.name, [])},
+                                            cache, timeout_s)
+                   for device in devices}
+    stats = {}
+    for device in devices:
+        measured = futures[device.name].result()
         if measured is not None:
             stats[device.name] = measured
             log.info("profiled %d candidates on %s (work pool %s)", len(measured), device.name, device.work_pool)
-    return stats, exports
+    return stats
 
 
 # ------------------------------------------------------------------------------ remote devices

@@ -34,5 +34,6 @@ def digits_bundle(image_size: tuple[int, int] = (32, 32), batch_size: int = 64, 
 def digits() -> DataBundle:
     return digits_bundle()
 
-# S3 fixtures (a real moto server on 127.0.0.1) live in tests/s3_server.py.
-pytest_plugins = ["tests.s3_server"]
+# S3 fixtures (a real moto server on 127.0.0.1) live in tests/s3_server.py; the flow tests' config,
+# services and Prefect fixtures in tests/flow_helpers.py and tests/prefect_server.py.
+pytest_plugins = ["tests.s3_server", "tests.flow_helpers", "tests.prefect_server"]

@@ -9,7 +9,7 @@ from typing import Iterator
 import pytest
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -20,7 +20,7 @@ def s3_endpoint() -> Iterator[str]:
     """Start one moto server for the session; yields its endpoint URL."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     url = f"http://127.0.0.1:{port}"
@@ -34,10 +34,15 @@ def s3_endpoint() -> Iterator[str]:
     server.stop()
 
 
+def reset_s3(endpoint: str) -> None:
+    """Empty the moto server: every bucket and object goes."""
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"))
+
+
 @pytest.fixture()
 def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A clean S3 (moto reset) with test credentials in the environment; yields the endpoint URL."""
-    urllib.request.urlopen(urllib.request.Request(f"{s3_endpoint}/moto-api/reset", method="POST"))
+    reset_s3(s3_endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")

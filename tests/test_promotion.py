@@ -19,7 +19,7 @@ from tasks.runs import promotion_lock
 from registry.mlflow_registry import ModelRegistry
 from registry.release import read_current
 from registry.store import open_store
-from tests.test_retrain_flow import BUCKET, REPO, prefect_harness, services, write_config  # noqa: F401
+from tests.flow_helpers import BUCKET, REPO, write_config
 
 pytestmark = pytest.mark.integration
 MODEL, DEVICE = "digits-classifier", "cpu-1t"

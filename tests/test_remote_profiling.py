@@ -6,13 +6,7 @@ One `prefect server` on 127.0.0.1 serves the module. Pool ``edge-pool`` has a pr
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -27,75 +21,28 @@ from podium.config import AnchorConfig, PodiumConfig, RuntimeConfig, StoreConfig
 from registry.store import open_store
 from tasks.common import RunContext
 from tasks.profile import LatencyCache, profile_candidates
+from tests.prefect_server import REPO, create_pool, tail
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[1]
-PREFECT = str(Path(sys.executable).with_name("prefect"))
 FAST = dict(warmup=1, min_repeats=3, max_repeats=6, max_seconds=1.0, latency_budget_ms=100.0)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def _tail(path: Path) -> str:
-    return path.read_text(errors="replace")[-3000:] if path.exists() else ""
-
-
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """A real Prefect server, the profile deployment on two pools, and a worker on one of them."""
+def prefect_api(prefect_server: dict, start_worker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """The profile deployment on two pools of the real Prefect server, and a worker on one of them."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.device_profile import deploy_profiler
 
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "2",
-           "PREFECT_LOGGING_LEVEL": "INFO", "DO_NOT_TRACK": "1"}
-    env.pop("PREFECT_PROFILES_PATH", None)
-    procs: list[subprocess.Popen] = []
-    server_log, worker_log = home / "server.log", home / "worker.log"
-    try:
-        procs.append(subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                      env=env, stdout=open(server_log, "wb"), stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if procs[0].poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"prefect server did not start:\n{_tail(server_log)}")
-                time.sleep(0.5)
+    worker_log = tmp_path_factory.mktemp("edge-worker") / "worker.log"
+    for pool in ("edge-pool", "dark-pool"):
+        create_pool(prefect_server, pool)
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server["url"]}):
         for pool in ("edge-pool", "dark-pool"):
-            subprocess.run([PREFECT, "work-pool", "create", pool, "--type", "process"], env=env, check=True,
-                           capture_output=True, timeout=60)
-        with temporary_settings(updates={PREFECT_API_URL: url}):
-            for pool in ("edge-pool", "dark-pool"):
-                assert deploy_profiler(pool, REPO) == f"profile/{pool}"
-            procs.append(subprocess.Popen([PREFECT, "worker", "start", "--pool", "edge-pool", "--type", "process"],
-                                          env=env, cwd=REPO, stdout=open(worker_log, "wb"),
-                                          stderr=subprocess.STDOUT))
-            yield {"url": url, "worker_log": worker_log}
-    finally:
-        for proc in reversed(procs):
-            _stop(proc)
+            assert deploy_profiler(pool, REPO) == f"profile/{pool}"
+        start_worker("edge-pool", worker_log)
+        yield {"url": prefect_server["url"], "worker_log": worker_log}
 
 
 class Tiny(nn.Module):
@@ -128,7 +75,7 @@ def test_remote_device_is_profiled_through_its_work_pool(prefect_api, tmp_path: 
     cands = [_candidate("narrow", 4), _candidate("wide", 16)]
     start = time.monotonic()
     stats, exports = profile_candidates.fn(ctx, {"edge-onnx": cands}, [edge], channels=1, remote_timeout_s=100)
-    assert set(stats.get("edge-onnx", {})) == {"narrow", "wide"}, _tail(prefect_api["worker_log"])
+    assert set(stats.get("edge-onnx", {})) == {"narrow", "wide"}, tail(prefect_api["worker_log"])
     for s in stats["edge-onnx"].values():
         assert s.runtime == "onnxruntime" and s.batch_size == 2 and s.threads == 1
         assert s.runs >= 3 and 0 < s.p50_ms <= s.p90_ms
@@ -154,16 +101,18 @@ def test_silent_pool_times_out_unprofiled_while_local_device_is_measured(prefect
     ctx = _ctx(tmp_path)
     local = DeviceProfile(name="here", runtime="onnxruntime", **FAST)
     dark = DeviceProfile(name="dark", runtime="onnxruntime", work_pool="dark-pool", **FAST)
+    dim = DeviceProfile(name="dim", runtime="onnxruntime", work_pool="dark-pool", **FAST)
     gone = DeviceProfile(name="gone", runtime="onnxruntime", work_pool="no-such-pool", **FAST)
     cand = _candidate("narrow", 4)
-    start = time.monotonic()
     with caplog.at_level("WARNING", logger="podium.tasks.profile"):
-        stats, _ = profile_candidates.fn(ctx, {"here": [cand], "dark": [cand], "gone": [cand]},
-                                         [dark, local, gone], channels=1, remote_timeout_s=4)
-    assert time.monotonic() - start < 45
+        stats, _ = profile_candidates.fn(ctx, {"here": [cand], "dark": [cand], "dim": [cand], "gone": [cand]},
+                                         [dark, local, dim, gone], channels=1, remote_timeout_s=8)
+    waits = [r.created for r in caplog.records if "no answer" in r.getMessage()]
+    assert len(waits) == 2 and abs(waits[0] - waits[1]) < 6  # the two silent devices were awaited together
     assert set(stats) == {"here"} and set(stats["here"]) == {"narrow"}
     text = caplog.text
     assert "dark (work pool dark-pool) unprofiled: no answer" in text
+    assert "dim (work pool dark-pool) unprofiled: no answer" in text
     assert "gone (work pool no-such-pool) unprofiled: could not run profile/no-such-pool" in text
     # the abandoned run is cancelled, so a worker that shows up later does not spend the device on it
     with get_client(sync_client=True) as client:
