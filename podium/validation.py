@@ -8,11 +8,20 @@ runs one ExpectationSuite over it in an ephemeral GE context (no files written) 
 :class:`DataValidationError`.
 
 Great Expectations takes seconds to import, so it is imported inside :func:`validate_dataset`.
+
+:func:`validate_dataset_cached` reuses a passing report when nothing that decides the outcome has
+changed: it is keyed on the DVC data hash, a fingerprint of every file under the root (relative path,
+size, mtime), the declared classes, ``min_per_class``, this module's and :mod:`podium.data`'s source,
+and the Great Expectations and Pillow versions. A re-run on unchanged data then neither scans the
+files nor imports Great Expectations; any change to a file, the suite or its parameters runs it again.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +53,7 @@ class ValidationFailure:
 
     def line(self) -> str:
         where = f"({self.column})" if self.column else ""
-        example = f", e.g. {self.examples[0]}" if self.examples else ""
+        example = f", e.g. {', '.join(self.examples[:2])}" if self.examples else ""  # 2: both ends of a duplicate
         return f"{self.expectation}{where}: {self.unexpected_count} unexpected{example}"
 
 
@@ -66,6 +75,14 @@ class ValidationReport:
     def summary(self) -> str:
         """One line per failed expectation (empty when the dataset passed)."""
         return "\n".join(f.line() for f in self.failures)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "ValidationReport":
+        """A passing report back from :meth:`to_json` (failures are never cached, so there are none)."""
+        if not doc["success"] or doc.get("failures"):
+            raise ValueError("only passing reports are read back")
+        return cls(root=str(doc["root"]), success=True, failures=[], rows=int(doc["rows"]),
+                   result=dict(doc["great_expectations"]))
 
     def raise_for_failures(self) -> None:
         if not self.success:
@@ -226,3 +243,74 @@ def validate_dataset(root: Path | str, classes: Sequence[str] | None = None, min
     log.info("validated %s: %d files, %s", root, len(df), "passed" if report.success else
              f"{len(failures)} failed expectation(s)")
     return report
+
+
+# ----------------------------------------------------------------------------- cached validation
+
+CACHE_FORMAT = 1
+
+
+def files_fingerprint(root: Path | str) -> str:
+    """sha256 over (relative path, size, mtime in ns) of every file below ``root``: any file added,
+    removed, rewritten or touched changes it. Cheap (one ``stat`` per file, nothing read)."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(folder) / name
+            st = path.stat()
+            digest.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _suite_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import PIL
+
+    try:
+        gx_version = version("great_expectations")
+    except PackageNotFoundError:
+        gx_version = "unknown"
+    return {"great_expectations": gx_version, "pillow": PIL.__version__}
+
+
+def validation_key(root: Path | str, data_hash: str, classes: Sequence[str] | None, min_per_class: int) -> str:
+    """Everything the outcome of :func:`validate_dataset` depends on."""
+    import podium.data
+
+    code = hashlib.sha256(Path(__file__).read_bytes() + Path(podium.data.__file__).read_bytes()).hexdigest()
+    doc = {"format": CACHE_FORMAT, "root": str(Path(root).resolve()), "data_hash": data_hash,
+           "files": files_fingerprint(root), "classes": [str(c) for c in classes] if classes else None,
+           "min_per_class": int(min_per_class), "code": code, **_suite_versions()}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def validate_dataset_cached(root: Path | str, cache_dir: Path | str, data_hash: str,
+                            classes: Sequence[str] | None = None, min_per_class: int = 5
+                            ) -> tuple[ValidationReport, bool]:
+    """:func:`validate_dataset`, or the passing report of an identical earlier validation.
+
+    Returns ``(report, reused)``. Reports are kept under ``cache_dir/validation/<key>.json`` (see
+    :func:`validation_key`); only passing ones are kept, so a failing dataset is always checked afresh.
+    """
+    root = Path(root)
+    if not root.is_dir():  # nothing to fingerprint: let validate_dataset say what is wrong
+        return validate_dataset(root, classes, min_per_class), False
+    path = Path(cache_dir) / "validation" / f"{validation_key(root, data_hash, classes, min_per_class)}.json"
+    if path.is_file():
+        try:
+            report = ValidationReport.from_json(json.loads(path.read_text()))
+            log.info("validation of %s reused: files, data hash %s and suite unchanged since it passed",
+                     root, data_hash[:12])
+            return report, True
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("unreadable validation cache entry %s: validating again", path)
+    report = validate_dataset(root, classes, min_per_class)
+    if report.success:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps(report.to_json(), default=str))
+        tmp.replace(path)
+    return report, False

@@ -7,15 +7,18 @@ import tempfile
 from pathlib import Path
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from podium import dvc_ops
-from podium.validation import validate_dataset
-from tasks.common import DatasetRef, RunContext
+from podium.validation import validate_dataset_cached
+from tasks.common import TRANSIENT_RETRIES, DatasetRef, RunContext
 
 log = logging.getLogger("podium.tasks.data")
 
 
-@task(name="version-dataset")
+# cache_policy=NO_CACHE: never reused across runs, and Prefect's default policy would hash every input
+# (cloudpickling every model passed in: about 1 s per call) just to look for a cache entry.
+@task(name="version-dataset", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def version_dataset(ctx: RunContext) -> DatasetRef:
     """Reproduce the dataset's DVC stage (a no-op when up to date), push it, return its md5."""
     cfg = ctx.cfg.data
@@ -34,16 +37,22 @@ def version_dataset(ctx: RunContext) -> DatasetRef:
     return DatasetRef(root=str(project / cfg.path), data_hash=data_hash, classes=classes)
 
 
-@task(name="validate-dataset")
+@task(name="validate-dataset", cache_policy=NO_CACHE)
 def validate_data(ctx: RunContext, ref: DatasetRef) -> None:
-    """Run the expectation suite; the result is an MLflow artifact either way; failures stop the flow."""
-    report = validate_dataset(Path(ref.root), classes=list(ref.classes) if ref.classes else None,
-                              min_per_class=ctx.cfg.data.min_per_class)
+    """Run the expectation suite; the result is an MLflow artifact either way; failures stop the flow.
+
+    A report that passed on the same files, data hash, classes and suite is reused (see
+    :func:`podium.validation.validate_dataset_cached`): the run's artifact is that report."""
+    report, reused = validate_dataset_cached(Path(ref.root), ctx.cache_path, ref.data_hash,
+                                             classes=list(ref.classes) if ref.classes else None,
+                                             min_per_class=ctx.cfg.data.min_per_class)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "validation.json"
         path.write_text(json.dumps(report.to_json(), indent=2, default=str))
         ctx.registry.log_artifact(ctx.run_id, path, "data")
     ctx.registry.client.set_tag(ctx.run_id, "data_validation", "passed" if report.success else "failed")
+    if reused:
+        ctx.registry.client.set_tag(ctx.run_id, "data_validation_reused", "true")
     if not report.success:
         for line in report.summary().splitlines():
             log.error("validation failed: %s", line)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from methods.base import Candidate, DataBundle
 from methods.export import onnx_logits
@@ -21,7 +22,7 @@ from methods.profiling import DeviceProfile, LatencyStats
 from methods.train import resize
 from registry.mlflow_registry import decide_promotion, model_files
 from registry.release import publish_release, read_current
-from tasks.common import DatasetRef, RunContext, load_data
+from tasks.common import TRANSIENT_RETRIES, DatasetRef, RunContext, load_data
 from tasks.profile import ExportedModel
 
 log = logging.getLogger("podium.tasks.release")
@@ -82,7 +83,9 @@ def _metadata(ctx: RunContext, ref: DatasetRef, data: DataBundle, winner: Candid
     }
 
 
-@task(name="promote-and-publish")
+# cache_policy=NO_CACHE: never reused across runs, and Prefect's default policy would hash every input
+# (cloudpickling every model passed in: about 1 s per call) just to look for a cache entry.
+@task(name="promote-and-publish", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def promote_and_publish(ctx: RunContext, ref: DatasetRef, device: DeviceProfile, winner: Candidate | None,
                         stats: LatencyStats | None, exported: ExportedModel | None) -> Outcome:
     if winner is None or stats is None or exported is None:

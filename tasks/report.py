@@ -1,19 +1,27 @@
-"""The run report: per-device tables and Pareto plots, and a summary of winners across devices."""
+"""The run report: per-device tables and Pareto plots, and a summary of winners across devices.
+
+Plots are drawn once per content: a PNG is kept under ``<cache>/plots/<key>.png``, keyed on exactly
+what is drawn (the rows or records, the device, the plotting code and matplotlib's version), so a
+re-run with unchanged results logs the same file without importing matplotlib or drawing again.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+import sys
 import tempfile
+import uuid
 from pathlib import Path
+from typing import Any, Callable
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from methods.base import Candidate
 from methods.pareto import pareto_front
 from methods.profiling import DeviceProfile, LatencyStats
-from tasks.common import RunContext
+from tasks.common import TRANSIENT_RETRIES, RunContext
 from tasks.release import Outcome
 
 
@@ -49,6 +57,11 @@ def format_table(device: DeviceProfile, rows: list[dict], outcome: Outcome | Non
 
 
 def plot_device(device: DeviceProfile, rows: list[dict], path: Path) -> Path:
+    import matplotlib  # only when a plot is drawn (not cached): about 0.5 s to import
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     measured = [r for r in rows if r["p50_ms"] is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, method in enumerate(sorted({r["method"] for r in measured})):
@@ -71,6 +84,38 @@ def plot_device(device: DeviceProfile, rows: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def cached_plot(cache_dir: Path, what: dict[str, Any], code: tuple[Any, ...], path: Path,
+                draw: Callable[[Path], Path]) -> Path:
+    """``draw(path)``, or a copy of the PNG an earlier call drew from the same ``what`` and ``code``.
+
+    ``what`` must hold everything the drawing reads; ``code`` the modules (or functions) that draw.
+    """
+    from importlib.metadata import version
+
+    from tasks.common import source_digest
+
+    doc = {"what": what, "code": source_digest(*code), "matplotlib": version("matplotlib")}
+    key = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    cached = cache_dir / "plots" / f"{key}.png"
+    if cached.is_file():
+        shutil.copyfile(cached, path)
+        return path
+    draw(path)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}.tmp")
+    shutil.copyfile(path, tmp)
+    tmp.replace(cached)
+    return path
+
+
+def _device_plot(ctx: RunContext, device: DeviceProfile, rows: list[dict], path: Path) -> Path:
+    # Every row field but the alias (not drawn; it names the version a re-run does not move).
+    drawn = [{k: v for k, v in r.items() if k != "alias"} for r in rows]
+    what = {"device": device.model_dump(mode="json"), "rows": drawn}
+    return cached_plot(ctx.cache_path, what, (sys.modules[__name__], pareto_front), path,
+                       lambda p: plot_device(device, rows, p))
 
 
 def winners_markdown(outcomes: list[Outcome], tables: dict[str, list[dict]]) -> str:
@@ -100,11 +145,15 @@ def _log_runtime_correlation(ctx: RunContext, device: DeviceProfile, candidates:
                              prefix=f"scaling.{device.name}.")
     ctx.registry.log_dict(ctx.run_id, {"correlation": corr, "records": records},
                           f"report/scaling_runtime_{device.name}.json")
-    plot = plot_runtime_correlation(records, folder / f"scaling_runtime_{device.name}.png", device.name)
+    plot = cached_plot(ctx.cache_path, {"device": device.name, "records": records}, (plot_runtime_correlation,),
+                       folder / f"scaling_runtime_{device.name}.png",
+                       lambda p: plot_runtime_correlation(records, p, device.name))
     ctx.registry.log_artifact(ctx.run_id, plot, "report")
 
 
-@task(name="run-report")
+# cache_policy=NO_CACHE: never reused across runs, and Prefect's default policy would hash every input
+# (cloudpickling every model passed in: about 1 s per call) just to look for a cache entry.
+@task(name="run-report", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def write_report(ctx: RunContext, devices: list[DeviceProfile], candidates: dict[str, list[Candidate]],
                  stats: dict[str, dict[str, LatencyStats]], outcomes: list[Outcome]) -> str:
     """Log per-device tables and plots plus the winners' summary to MLflow; return the text report."""
@@ -118,8 +167,8 @@ def write_report(ctx: RunContext, devices: list[DeviceProfile], candidates: dict
             tables[device.name] = rows
             texts.append(format_table(device, rows, by_device.get(device.name)))
             if device.name in stats:
-                ctx.registry.log_artifact(ctx.run_id, plot_device(device, rows, Path(tmp) / f"{device.name}.png"),
-                                          "report")
+                plot = _device_plot(ctx, device, rows, Path(tmp) / f"{device.name}.png")
+                ctx.registry.log_artifact(ctx.run_id, plot, "report")
             ctx.registry.log_dict(ctx.run_id, rows, f"report/{device.name}.json")
             _log_runtime_correlation(ctx, device, candidates.get(device.name, []), stats.get(device.name, {}),
                                      Path(tmp))

@@ -34,3 +34,37 @@ def test_onnx_export_matches_pytorch(tmp_path):
     x = torch.randn(3, 1, 32, 32)
     path = export_onnx(model, (1, 32, 32), tmp_path / "m.onnx")
     assert torch.allclose(torch.from_numpy(onnx_logits(path, x.numpy())), model(x), atol=1e-4)
+
+
+def test_candidate_identity_is_the_model_not_its_provenance(tmp_path, monkeypatch):
+    """An anchor trained in one run is loaded from the registry in the next: its ``source`` changes,
+    its export and measurements must not be redone. Weights, architecture and input size still count."""
+    import tasks.profile as profile_task
+    from methods.base import Candidate
+    from podium.config import AnchorConfig, PodiumConfig, RuntimeConfig, StoreConfig
+    from tasks.common import RunContext, candidate_digest
+
+    model = build(TINY, 10, 1).eval()
+
+    def anchor(source, arch=TINY, size=(16, 16), net=model):
+        return Candidate("anchor-a", "anchor", {"arch": arch, "source": source}, net, size, {"val_acc": 0.5})
+
+    trained, loaded = anchor("trained"), anchor("registry:models:/m-anchor-a@current (v1)")
+    assert candidate_digest(trained) == candidate_digest(loaded)
+    assert candidate_digest(anchor("trained", arch={**TINY, "channels": [8, 16, 32, 65]})) != candidate_digest(trained)
+    assert candidate_digest(anchor("trained", size=(24, 24))) != candidate_digest(trained)
+    assert candidate_digest(anchor("trained", net=build(TINY, 10, 1).eval())) != candidate_digest(trained)
+
+    exports, measures = [], []
+    real_export, real_measure = profile_task.export_onnx, profile_task.measure
+    monkeypatch.setattr(profile_task, "export_onnx", lambda *a, **k: exports.append(1) or real_export(*a, **k))
+    monkeypatch.setattr(profile_task, "measure", lambda *a, **k: measures.append(1) or real_measure(*a, **k))
+    cfg = PodiumConfig(anchors=[AnchorConfig(name="a", arch=TINY)], store=StoreConfig(uri=str(tmp_path / "store")),
+                       runtime=RuntimeConfig(cache_dir=str(tmp_path / "cache")))
+    ctx = RunContext(cfg=cfg, project_dir=str(tmp_path), run_id="r", git_sha="g")
+    device = DeviceProfile(name="t", runtime="onnxruntime", threads=1, latency_budget_ms=100, warmup=0,
+                           min_repeats=3, max_repeats=3)
+    for cand in (trained, loaded):
+        stats, exported = profile_task.profile_candidates.fn(ctx, {"t": [cand]}, [device], 1)
+        assert stats["t"]["anchor-a"].runs == 3
+    assert len(exports) == 1 and len(measures) == 1

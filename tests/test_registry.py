@@ -52,3 +52,13 @@ def test_unusable_tracking_uri_is_one_line():
     with pytest.raises(RegistryError, match="unusable|failed") as err:
         ModelRegistry("nosuchscheme://x")
     assert "\n" not in str(err.value)
+
+
+def test_params_and_metrics_are_logged_in_batches(registry):
+    """Nested params are flattened with dotted keys; more than one batch (100 params) of each arrives."""
+    run_id = registry.start_run("exp", "batches")
+    registry.log_params(run_id, {"data": {"size": [32, 32], "path": "d"}, **{f"p{i}": i for i in range(150)}})
+    registry.log_metrics(run_id, {f"m{i}": i / 2 for i in range(1200)}, prefix="x.")
+    data = registry.client.get_run(run_id).data
+    assert data.params["data.size"] == "[32, 32]" and data.params["data.path"] == "d" and len(data.params) == 152
+    assert len(data.metrics) == 1200 and data.metrics["x.m3"] == 1.5

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from podium.validation import DataValidationError, scan_files, validate_dataset
-from tests.data_corpus import BAD_CASES, copy_dataset, export_clean_digits, make_presplit_imagefolder
+import podium.validation
+from podium.validation import DataValidationError, scan_files, validate_dataset, validate_dataset_cached
+from tests.data_corpus import BAD_CASES, copy_dataset, export_clean_digits, make_presplit_imagefolder, truncate_png
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +86,31 @@ def test_missing_dataset_or_split_is_a_one_line_error(tmp_path: Path) -> None:
     (root / "val").rmdir()
     with pytest.raises(DataValidationError, match=r"no val/ folder"):
         validate_dataset(root)
+
+
+def test_cached_validation_skips_unchanged_data_and_reruns_on_any_change(tmp_path: Path, monkeypatch) -> None:
+    root = make_presplit_imagefolder(tmp_path / "ds", counts={"train": 6, "val": 2, "test": 2})
+    cache = tmp_path / "cache"
+    runs = []
+    real = podium.validation.validate_dataset
+    monkeypatch.setattr(podium.validation, "validate_dataset", lambda *a, **k: runs.append(a) or real(*a, **k))
+
+    first, reused = validate_dataset_cached(root, cache, "hash-1")
+    assert first.success and not reused and len(runs) == 1
+    again, reused = validate_dataset_cached(root, cache, "hash-1")
+    assert reused and len(runs) == 1  # same files, hash and suite: GE is not run again
+    assert again.to_json() == json.loads(json.dumps(first.to_json(), default=str))
+
+    # anything the outcome depends on runs the suite again: data hash, parameters, classes
+    assert not validate_dataset_cached(root, cache, "hash-2")[1]
+    assert not validate_dataset_cached(root, cache, "hash-1", min_per_class=6)[1]
+    assert not validate_dataset_cached(root, cache, "hash-1", classes=["a", "b"])[1]
+    assert len(runs) == 4
+
+    # a file damaged in place under the same data hash (DVC not re-run) is caught, and a failing
+    # report is never cached: the next call validates again
+    culprit = truncate_png(root)
+    for _ in range(2):
+        report, reused = validate_dataset_cached(root, cache, "hash-1")
+        assert not reused and not report.success and culprit in report.summary()
+    assert len(runs) == 6
