@@ -8,15 +8,15 @@ from pathlib import Path
 
 import torch
 from prefect import flow
-from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.runners import build_task_runner, shared_api
 from infra.devices import load_inventory, select_devices
 from methods.base import Candidate
 from methods.profiling import DeviceProfile
 from podium.config import PodiumConfig, load_config
 from registry.mlflow_registry import ModelRegistry
 from tasks.anchors import acquire_anchors
-from tasks.common import RunContext, load_data
+from tasks.common import RunContext, artifact_root, load_data
 from tasks.data import validate_data, version_dataset
 from tasks.profile import profile_candidates
 from tasks.release import Outcome, promote_and_publish, select_winner
@@ -34,6 +34,14 @@ class RetrainResult:
     cached_methods: list[str]  # methods whose training was reused from the task cache
     report: str
     skipped: bool = False  # ended early: data and config equal the last completed run's
+
+
+class BranchError(RuntimeError):
+    """Some methods or devices failed; the rest of the run finished (one line naming each failure)."""
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def git_sha(project_dir: Path) -> str:
@@ -68,12 +76,14 @@ def retrain(config_path: str = "configs/demo.yaml", project_dir: str = ".",
     project = Path(project_dir).resolve()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.runtime.max_workers))
 
-    registry = ModelRegistry(cfg.tracking.uri, str(project / cfg.tracking.artifact_root))
+    registry = ModelRegistry(cfg.tracking.uri, artifact_root(project, cfg.tracking.artifact_root))
+    registry.check_reachable()
     digest = config_digest(cfg, devices)
     run_id = registry.start_run(cfg.tracking.experiment, "retrain", tags={"config": config_path, "config_digest": digest})
     ctx = RunContext(cfg=cfg, project_dir=str(project), run_id=run_id, git_sha=git_sha(project))
     try:
         registry.log_params(run_id, cfg.model_dump(mode="json", exclude={"tracking"}))
+        ctx.open_store().list(f"{cfg.model_name}/")  # no training for a store we could not publish to
         ref = version_dataset(ctx)
         registry.client.set_tag(run_id, "data_hash", ref.data_hash)
         if skip_if_unchanged:
@@ -92,7 +102,13 @@ def retrain(config_path: str = "configs/demo.yaml", project_dir: str = ".",
         results = ctx.cache_path / "results"
         futures = {m: train_method.with_options(result_storage=results).submit(ctx, ref, m, anchors, teacher)
                    for m in cfg.methods}
-        spaces = {m: f.result() for m, f in futures.items()}  # every training done before any search
+        spaces, failed = {}, []
+        for m, f in futures.items():  # every training done before any search; a failed one drops out
+            space = f.result(raise_on_failure=False)
+            if isinstance(space, BaseException):
+                failed.append(f"method {m}: {first_line(space)}")
+            else:
+                spaces[m] = space
         offered = [offer_candidates.with_options(result_storage=results)(
                        ctx, m, space, devices, training_key(ctx, ref, m, anchors, teacher))
                    for m, space in spaces.items()]  # one at a time: a space may measure latency while searching
@@ -108,11 +124,17 @@ def retrain(config_path: str = "configs/demo.yaml", project_dir: str = ".",
                 winner = select_winner(candidates[device.name], device_stats, device)
                 if winner is not None:
                     winners[device.name] = winner
-                outcomes.append(promote_and_publish(
+                outcome = promote_and_publish(
                     ctx, ref, device, winner, device_stats.get(winner.name) if winner else None,
-                    exports.get(winner.name) if winner else None))
+                    exports.get(winner.name) if winner else None, return_state=True).result(raise_on_failure=False)
+                if isinstance(outcome, BaseException):  # this device keeps its release; the others go on
+                    failed.append(f"device {device.name}: {first_line(outcome)}")
+                    outcome = Outcome(device.name, winner.name if winner else None, reason=f"failed: {first_line(outcome)}")
+                outcomes.append(outcome)
         report = write_report(ctx, devices, candidates, stats, outcomes)
         print(report)
+        if failed:
+            raise BranchError("; ".join(failed))
         registry.client.set_tag(run_id, "completed", "true")  # last: the baseline for skip_if_unchanged
         registry.end_run(run_id, "FINISHED")
         return RetrainResult(run_id, ref.data_hash, outcomes, winners, cached, report)
@@ -124,9 +146,9 @@ def retrain(config_path: str = "configs/demo.yaml", project_dir: str = ".",
 def run_retrain(config_path: str, project_dir: str = ".", skip_if_unchanged: bool = False) -> RetrainResult:
     """Run the flow with the task runner the config asks for."""
     cfg = load_config(config_path)  # fail on a bad config before Prefect starts
-    runner = ThreadPoolTaskRunner(max_workers=cfg.runtime.max_workers)
-    return retrain.with_options(task_runner=runner)(config_path=config_path, project_dir=project_dir,
-                                                    skip_if_unchanged=skip_if_unchanged)
+    with shared_api(cfg.runtime):
+        return retrain.with_options(task_runner=build_task_runner(cfg.runtime))(
+            config_path=config_path, project_dir=project_dir, skip_if_unchanged=skip_if_unchanged)
 
 
 def serve_retrain(name: str, cron: str, config_path: str, project_dir: str = ".") -> None:

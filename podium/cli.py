@@ -13,12 +13,16 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 data_app = typer.Typer(no_args_is_help=True, help="Dataset versioning and import.")
 space_app = typer.Typer(no_args_is_help=True, help="Print a method's candidate space without training.")
+stack_app = typer.Typer(no_args_is_help=True, help="A local MLflow server and Prefect server in the background.")
 app.add_typer(data_app, name="data")
 app.add_typer(space_app, name="space")
+app.add_typer(stack_app, name="stack")
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from flows.retrain import BranchError
     from infra.devices import DeviceError
+    from infra.stack import StackError
     from podium.config import ConfigError
     from podium.data import DataError
     from podium.validation import DataValidationError
@@ -28,7 +32,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from tasks.anchors import AnchorError
 
     return (ConfigError, DeviceError, DataError, DataValidationError, RegistryError, ReleaseError, StoreError,
-            AnchorError)
+            AnchorError, BranchError, StackError)
 
 
 def _run(action: Callable[[], object]) -> None:
@@ -225,6 +229,55 @@ def serve(cron: str = typer.Option(..., help='cron schedule, e.g. "0 3 * * *" (d
         serve_retrain(name, cron, str(config), str(project_dir))
 
     _run(action)
+
+
+STACK_DIR = typer.Option(Path(".podium/stack"), "--dir", help="state, pid files and logs of the stack")
+MLFLOW_PORT = typer.Option(5000, min=1, max=65535, help="MLflow server port on 127.0.0.1")
+PREFECT_PORT = typer.Option(4200, min=1, max=65535, help="Prefect server port on 127.0.0.1")
+
+
+@stack_app.command("up")
+def stack_up(stack_dir: Path = STACK_DIR, mlflow_port: int = MLFLOW_PORT, prefect_port: int = PREFECT_PORT,
+             timeout: float = typer.Option(120.0, help="seconds to wait for each server to be healthy")) -> None:
+    """Start an MLflow server (SQLite + local artifacts) and a Prefect server on 127.0.0.1; idempotent."""
+
+    def action() -> None:
+        from infra import stack
+
+        services = stack.stack_services(stack_dir, mlflow_port, prefect_port)
+        for line in stack.up(services, stack_dir, timeout):
+            typer.echo(line)
+        env = stack.stack_env(services)
+        typer.echo("\n# use it from this shell (and from Prefect workers):")
+        for key, value in env.items():
+            typer.echo(f"export {key}={value}")
+        typer.echo(f"# and in the pipeline config:  tracking: {{uri: {env['MLFLOW_TRACKING_URI']}}}")
+
+    _run(action)
+
+
+def _stack_report(step: str, stack_dir: Path) -> None:
+    """Print ``infra.stack.<step>``'s lines for the stack in ``stack_dir``."""
+
+    def action() -> None:
+        from infra import stack
+
+        for line in getattr(stack, step)(stack.stack_services(stack_dir), stack_dir):
+            typer.echo(line)
+
+    _run(action)
+
+
+@stack_app.command("down")
+def stack_down(stack_dir: Path = STACK_DIR) -> None:
+    """Stop the stack's servers (SIGTERM, then SIGKILL) and remove their pid files; idempotent."""
+    _stack_report("down", stack_dir)
+
+
+@stack_app.command("status")
+def stack_status(stack_dir: Path = STACK_DIR) -> None:
+    """Whether each server of the stack runs and answers its health endpoint."""
+    _stack_report("status", stack_dir)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import mlflow
 import numpy as np
 import onnx
 from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
@@ -69,6 +71,18 @@ class ModelRegistry:
         except Exception as exc:  # unknown scheme, malformed URI
             raise RegistryError(f"MLflow tracking URI {tracking_uri!r} is unusable: {_first_line(exc)}") from None
 
+    def check_reachable(self, timeout_s: float = 5.0) -> None:
+        """Fail in seconds, not after MLflow's minutes of retries, when a tracking server is down."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return  # a database or folder: opening it is the check
+        import requests
+
+        try:
+            requests.get(f"{self.tracking_uri.rstrip('/')}/health", timeout=timeout_s).raise_for_status()
+        except requests.RequestException as exc:
+            reason = type(exc).__name__ if not isinstance(exc, requests.HTTPError) else str(exc)
+            raise RegistryError(f"MLflow tracking server {self.tracking_uri} is unreachable ({reason})") from None
+
     # --- runs -----------------------------------------------------------------------------
     def experiment_id(self, name: str) -> str:
         try:
@@ -93,13 +107,18 @@ class ModelRegistry:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    # One ``log_batch`` request (one database transaction) per chunk instead of one per value: MLflow
+    # accepts at most 100 params and 1000 metrics per batch.
     def log_params(self, run_id: str, params: dict[str, Any], prefix: str = "") -> None:
-        for key, value in _flatten(params, prefix).items():
-            self.client.log_param(run_id, key, str(value)[:6000])
+        items = [Param(key, str(value)[:6000]) for key, value in _flatten(params, prefix).items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start:start + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], prefix: str = "") -> None:
-        for key, value in metrics.items():
-            self.client.log_metric(run_id, f"{prefix}{key}", float(value))
+        now = int(time.time() * 1000)
+        items = [Metric(f"{prefix}{key}", float(value), now, 0) for key, value in metrics.items()]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[start:start + 1000])
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)

@@ -29,12 +29,18 @@ class StoreError(Exception):
     """A store operation failed; ``str(exc)`` is one line naming the problem.
 
     ``kind`` lets callers react without parsing text: ``missing`` (no such object), ``no_bucket``,
-    ``unreachable``, ``credentials``, ``denied``, ``invalid`` (bad key or URI) or ``other``.
+    ``unreachable``, ``server`` (a 5xx or throttling answer), ``credentials``, ``denied``,
+    ``invalid`` (bad key or URI) or ``other``.
     """
 
     def __init__(self, message: str, kind: str = "other") -> None:
         super().__init__(message)
         self.kind = kind
+
+    @property
+    def transient(self) -> bool:
+        """Worth trying again later: the endpoint was down, slow or overloaded."""
+        return self.kind in ("unreachable", "server")
 
 
 @runtime_checkable
@@ -170,6 +176,7 @@ class LocalStore:
 
 _CRED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
                "TokenRefreshRequired", "InvalidClientTokenId", "UnrecognizedClientException"}
+_SERVER_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling"}
 _CODE_IN_TEXT = re.compile(r"An error occurred \((\w+)\)")
 
 
@@ -259,6 +266,8 @@ class S3Store:
             return StoreError(f"S3 credentials rejected for bucket '{self.bucket}' ({code})", "credentials")
         if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
             return StoreError(f"S3 access denied to {target} (credentials rejected or lacking permission)", "denied")
+        if code in _SERVER_CODES or code.startswith("5"):
+            return StoreError(f"S3 {what} {target} failed: the endpoint answered {code}", "server")
         return StoreError(f"S3 {what} {target} failed: {code or 'error'}: {_scrub(message)}")
 
     def _bucket_exists(self) -> bool:

@@ -5,6 +5,7 @@ so the next run on the same data resolves it from the registry instead of retrai
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -15,13 +16,14 @@ from safetensors.torch import load_file
 
 from methods import complexity
 from methods.base import Anchor, Candidate, DataBundle
+from methods.checkpoint import training_env
 from methods.export import export_onnx, load_weights, save_weights
 from methods.families import build
 from methods.train import cross_entropy_loss, evaluate, fit, pick_device
 from podium.config import AnchorConfig
 from registry.mlflow_registry import model_files
 from registry.store import open_store
-from tasks.common import DatasetRef, RunContext, load_data
+from tasks.common import TRANSIENT_RETRIES, DatasetRef, RunContext, load_data, training_env_for
 
 log = logging.getLogger("podium.tasks.anchors")
 ALIAS = "current"
@@ -44,8 +46,10 @@ def _from_registry(ctx: RunContext, acfg: AnchorConfig, data: DataBundle) -> Anc
     version = ctx.registry.version_by_alias(name, ALIAS)
     if version is None:
         return None
-    if version.tags.get("arch") != _arch_tag(acfg.arch) or version.tags.get("data_hash") != data.data_hash:
-        log.info("anchor %s: registered v%s is for another arch or data; not reused", acfg.name, version.version)
+    if (version.tags.get("arch") != _arch_tag(acfg.arch) or version.tags.get("data_hash") != data.data_hash
+            or version.tags.get("recipe") != _recipe_digest(ctx, acfg, data)):
+        log.info("anchor %s: registered v%s is for another arch, data or training recipe; not reused",
+                 acfg.name, version.version)
         return None
     with tempfile.TemporaryDirectory() as tmp:
         files = model_files(ctx.registry.download_version(name, version.version, Path(tmp)))
@@ -75,15 +79,30 @@ def _from_checkpoint(ctx: RunContext, acfg: AnchorConfig, data: DataBundle) -> A
 
 def _train(ctx: RunContext, acfg: AnchorConfig, data: DataBundle, pretrained: bool) -> Anchor:
     model = build(acfg.arch, data.num_classes, data.input_spec.channels, pretrained=pretrained)
-    model.to(pick_device(ctx.cfg.runtime.device))
-    result = fit(model, data.train, cross_entropy_loss(model), acfg.train, name=f"anchor {acfg.name}")
+    env, checkpoints = training_env_for(ctx, _training_key(ctx, acfg, data))
+    with training_env(env):
+        model.to(pick_device())
+        result = fit(model, data.train, cross_entropy_loss(model), acfg.train, name=f"anchor {acfg.name}")
+    checkpoints.clear()  # the anchor is registered next; a later run resolves it from the registry
     ctx.registry.log_metrics(ctx.run_id, {"images_per_s": result.images_per_s, "train_s": result.wall_s},
                              prefix=f"anchor.{acfg.name}.")
     source = f"timm-hub:{acfg.arch.get('name')}+trained" if pretrained else "trained"
     return Anchor(acfg.name, model.cpu().eval(), source, dict(acfg.arch))
 
 
-def _register(ctx: RunContext, anchor: Anchor, data: DataBundle, val_acc: float) -> None:
+def _recipe_digest(ctx: RunContext, acfg: AnchorConfig, data: DataBundle) -> str:
+    """What makes this anchor: its config (arch, checkpoint, training) and the data it is fed."""
+    parts = {"data": data.data_hash, "anchor": acfg.model_dump(mode="json"),
+             "batch": ctx.cfg.data.batch_size, "size": list(ctx.cfg.data.image_size)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _training_key(ctx: RunContext, acfg: AnchorConfig, data: DataBundle) -> str:
+    """Names the anchor's checkpoints: only the same training on the same data resumes from them."""
+    return f"anchor-{acfg.name}-{_recipe_digest(ctx, acfg, data)}"
+
+
+def _register(ctx: RunContext, acfg: AnchorConfig, anchor: Anchor, data: DataBundle, val_acc: float) -> None:
     name = anchor_registered_name(ctx.cfg.model_name, anchor.name)
     spec = data.input_spec
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +112,8 @@ def _register(ctx: RunContext, anchor: Anchor, data: DataBundle, val_acc: float)
         uri = ctx.registry.log_model(ctx.run_id, f"anchor-{anchor.name}", onnx_path, weights, meta,
                                      data.example_batch(2).numpy())
     version = ctx.registry.register(name, uri, ctx.run_id, {
-        "arch": _arch_tag(anchor.arch), "data_hash": data.data_hash, "source": anchor.source,
+        "arch": _arch_tag(anchor.arch), "data_hash": data.data_hash, "recipe": _recipe_digest(ctx, acfg, data),
+        "source": anchor.source,
         "val_acc": f"{val_acc:.6f}", "git_sha": ctx.git_sha, "run_id": ctx.run_id})
     ctx.registry.set_alias(name, ALIAS, version.version)
 
@@ -107,7 +127,7 @@ def acquire_one(ctx: RunContext, acfg: AnchorConfig, data: DataBundle) -> Anchor
         anchor = _from_checkpoint(ctx, acfg, data)
     else:
         anchor = _train(ctx, acfg, data, pretrained=acfg.timm_hub)
-    _register(ctx, anchor, data, evaluate(anchor.model, data.val))
+    _register(ctx, acfg, anchor, data, evaluate(anchor.model, data.val))
     log.info("anchor %s: %s (registered)", acfg.name, anchor.source)
     return anchor
 
@@ -120,7 +140,7 @@ def anchor_candidate(anchor: Anchor, data: DataBundle) -> Candidate:
                      metrics={"val_acc": evaluate(anchor.model, data.val), **cost.as_dict()})
 
 
-@task(name="acquire-anchors")
+@task(name="acquire-anchors", **TRANSIENT_RETRIES)
 def acquire_anchors(ctx: RunContext, ref: DatasetRef) -> tuple[list[Anchor], Anchor, list[Candidate]]:
     """Resolve every configured anchor; returns (anchors small→large, teacher, anchors as candidates)."""
     data = load_data(ctx, ref)

@@ -4,18 +4,24 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
+from mlflow.exceptions import MlflowException
+from prefect.tasks import exponential_backoff
 from torch import nn
 
 from methods.base import Candidate, DataBundle
+from methods.checkpoint import TrainingEnv, checkpoint_file_name
 from podium.config import PodiumConfig
-from registry.mlflow_registry import ModelRegistry
-from registry.store import ArtifactStore, open_store
+from registry.mlflow_registry import ModelRegistry, RegistryError
+from registry.store import ArtifactStore, StoreError, open_store
+
+log = logging.getLogger("podium.tasks")
 
 
 @dataclass(frozen=True)
@@ -35,10 +41,16 @@ class RunContext:
     project_dir: str
     run_id: str
     git_sha: str
+    tracking_uri: str = ""  # set from cfg on construction, absolute
+
+    def __post_init__(self) -> None:
+        # Resolved in the flow's process: a task on a Dask worker (another cwd, maybe another
+        # machine) must open the same database, not a new one beside itself.
+        object.__setattr__(self, "tracking_uri", self.tracking_uri or absolute_tracking_uri(self.cfg.tracking.uri))
 
     @property
     def registry(self) -> ModelRegistry:
-        return _registry(self.cfg.tracking.uri, str(self.project_path / self.cfg.tracking.artifact_root))
+        return _registry(self.tracking_uri, artifact_root(self.project_path, self.cfg.tracking.artifact_root))
 
     @property
     def project_path(self) -> Path:
@@ -59,6 +71,21 @@ class RunContext:
     def cache_path(self) -> Path:
         path = Path(self.cfg.runtime.cache_dir)
         return path if path.is_absolute() else self.project_path / path
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """A relative ``sqlite:///`` path made absolute against the working directory; other URIs as they are."""
+    prefix = "sqlite:///"
+    path = uri[len(prefix):] if uri.startswith(prefix) else ""
+    if not path or path.startswith("/") or path == ":memory:":
+        return uri
+    return prefix + str(Path(path).resolve())
+
+
+def artifact_root(project: Path, root: str) -> str:
+    """Where a new MLflow experiment keeps artifacts: a folder resolves against the project; a URI
+    (``s3://``, ``mlflow-artifacts:/``) stays as it is."""
+    return root if ":/" in root else str(project / root)
 
 
 @lru_cache(maxsize=8)
@@ -86,8 +113,15 @@ def state_digest(model: nn.Module, extra: Any = None) -> str:
     return digest.hexdigest()
 
 
+# Config keys that say where a model came from, not what it computes (an anchor trained in one run is
+# loaded from the registry in the next: same weights, same export, same latency).
+PROVENANCE_KEYS = frozenset({"source"})
+
+
 def candidate_digest(candidate: Candidate) -> str:
-    return state_digest(candidate.model, {"config": candidate.config, "input_size": candidate.input_size})
+    """The model's identity for exports, latency measurements and the registry's ``digest`` tag."""
+    config = {k: v for k, v in candidate.config.items() if k not in PROVENANCE_KEYS}
+    return state_digest(candidate.model, {"config": config, "input_size": candidate.input_size})
 
 
 def source_digest(*objects: Any) -> str:
@@ -96,3 +130,73 @@ def source_digest(*objects: Any) -> str:
     for obj in objects:
         digest.update(Path(inspect.getsourcefile(obj)).read_bytes())
     return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Crash safety: checkpoints in the run's store, retries of transient service failures
+# ---------------------------------------------------------------------------------------------
+
+class StoreCheckpoints:
+    """A training's checkpoints in the artifact store, under ``_checkpoints/<training key>/``.
+
+    A store that fails while saving costs the checkpoint, not the training (a warning says so).
+    """
+
+    def __init__(self, store: ArtifactStore, training_key: str) -> None:
+        self.store, self.prefix = store, f"_checkpoints/{training_key}/"  # "_": never a model name
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}{checkpoint_file_name(name)}.pt"
+
+    def load(self, name: str) -> bytes | None:
+        try:
+            return self.store.get_bytes(self._key(name))
+        except StoreError as exc:
+            if exc.kind != "missing":
+                log.warning("checkpoint %s not read, training from step 0: %s", name, exc)
+            return None
+
+    def save(self, name: str, data: bytes) -> None:
+        try:
+            self.store.put_bytes(self._key(name), data)
+        except StoreError as exc:
+            log.warning("checkpoint %s not saved: %s", name, exc)
+
+    def clear(self) -> None:
+        """Once the training's result is kept elsewhere (task cache, registry)."""
+        try:
+            for key in self.store.list(self.prefix):
+                self.store.delete(key)
+        except StoreError as exc:
+            log.warning("checkpoints under %s not removed: %s", self.prefix, exc)
+
+
+def training_env_for(ctx: RunContext, training_key: str) -> tuple[TrainingEnv, StoreCheckpoints]:
+    checkpoints = StoreCheckpoints(ctx.open_store(), training_key)
+    return TrainingEnv(ctx.cfg.runtime.device, checkpoints, ctx.cfg.runtime.checkpoint_every_s), checkpoints
+
+
+_TRANSIENT_TEXT = ("failed with exception", "max retries exceeded", "connection refused", "timed out",
+                   "temporarily unavailable", "503", "502", "504")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure that may pass if tried again: a service down, slow or overloaded, not a wrong input."""
+    if isinstance(exc, StoreError):
+        return exc.transient
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, (MlflowException, RegistryError)):
+        text = str(exc).lower()
+        return any(marker in text for marker in _TRANSIENT_TEXT)
+    return False
+
+
+def retry_if_transient(_task: Any, _task_run: Any, state: Any) -> bool:
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return isinstance(exc, BaseException) and is_transient(exc)
+
+
+# Task options for tasks that talk to S3 or MLflow: up to 3 more tries, 2 s, 4 s, 8 s apart (±50%).
+TRANSIENT_RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2),
+                                     "retry_jitter_factor": 0.5, "retry_condition_fn": retry_if_transient}

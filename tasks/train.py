@@ -23,8 +23,11 @@ import methods.base
 import methods.train
 from methods.base import Anchor, Candidate, CandidateSpace
 from methods.catalog import method_class
+from methods.checkpoint import training_env
 from methods.profiling import DeviceProfile
-from tasks.common import DatasetRef, RunContext, load_data, source_digest, state_digest
+from tasks.common import (TRANSIENT_RETRIES, DatasetRef, RunContext, load_data, source_digest, state_digest,
+                          training_env_for)
+from tasks.distributed import fit_distributed
 
 log = logging.getLogger("podium.tasks.train")
 
@@ -74,13 +77,22 @@ def _flat_numbers(report: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-@task(name="train-method", cache_key_fn=_train_cache_key, persist_result=True)
+@task(name="train-method", cache_key_fn=_train_cache_key, persist_result=True, **TRANSIENT_RETRIES)
 def train_method(ctx: RunContext, ref: DatasetRef, method: str, anchors: list[Anchor],
                  teacher: Anchor | None) -> CandidateSpace:
-    """Fit ``method`` on the data (and the anchors/teacher where it uses them); returns its space."""
-    data = load_data(ctx, ref)
-    space = method_class(method)(ctx.cfg.method_config(method)).fit(data, anchors, teacher)
+    """Fit ``method`` on the data (and the anchors/teacher where it uses them); returns its space.
+
+    Trainings checkpoint to the run's store: a re-run after a crash resumes them (``training_key``
+    names the checkpoints, so only an identical training resumes)."""
+    key = training_key(ctx, ref, method, anchors, teacher)
+    env, checkpoints = training_env_for(ctx, key)
+    if ctx.cfg.runtime.processes > 1:
+        space = fit_distributed(ctx, ref, method, anchors, teacher, key)
+    else:
+        with training_env(env):  # every fit inside checkpoints and resumes
+            space = method_class(method)(ctx.cfg.method_config(method)).fit(load_data(ctx, ref), anchors, teacher)
     _log_space_report(ctx, method, space)
+    checkpoints.clear()  # from here on the task cache holds the result
     return space
 
 
