@@ -124,47 +124,48 @@ def fit(
     model.train()
     start_step, seen = step, 0
     start = last_log = last_save = time.perf_counter()
-    while step < steps:
-        if epoch_rng is None:
-            epoch_rng = capture_rng(shuffle, rngs)  # before the loader draws this epoch's order
-        else:
-            restore_rng(epoch_rng, shuffle, rngs)  # resuming: draw the interrupted epoch's order again
-        batches = iter(loader)
-        for _ in range(batch):  # the batches the interrupted run already trained on
-            next(batches)
-        if saved:
-            restore_rng(saved["rng"], shuffle, rngs)
-            saved = None
-        for images, labels in batches:
-            seen += images.shape[0]
-            images, labels, share = distributed.shard(images, labels)  # the whole batch in one process
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            scale = cosine_lr(step, steps, cfg.warmup_steps)
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * scale
-            loss = loss_fn(images, labels, step)
-            optimizer.zero_grad(set_to_none=True)
-            (loss * share if share != 1.0 else loss).backward()
-            distributed.sum_gradients(model)  # no-op in one process
-            optimizer.step()
-            step, batch = step + 1, batch + 1
-            now = time.perf_counter()
-            if distributed.is_primary() and (now - last_log >= cfg.log_every_s or step == steps):
-                loss_value = loss.item()  # sync only when reporting, not every step
-                rate = seen / max(now - start, 1e-9)
-                eta = (steps - step) * (now - start) / (step - start_step)
-                log.info("%s: epoch %.2f step %d/%d loss %.4f %.0f img/s ETA %.0fs",
-                         name, step / len(loader), step, steps, loss_value, rate, eta)
-                last_log = now
-            if env.checkpoints is not None and step < steps and now - last_save >= env.every_s:
-                _save_checkpoint(env, name, model, optimizer, steps, step, batch, loss.item(), epoch_rng,
-                                 capture_rng(shuffle, rngs))
-                last_save = time.perf_counter()
-            if step >= steps:
-                break
-        else:
-            batch, epoch_rng = 0, None
+    with distributed.synchronized_batchnorm(model):  # no-op in one process
+        while step < steps:
+            if epoch_rng is None:
+                epoch_rng = capture_rng(shuffle, rngs)  # before the loader draws this epoch's order
+            else:
+                restore_rng(epoch_rng, shuffle, rngs)  # resuming: draw the interrupted epoch's order again
+            batches = iter(loader)
+            for _ in range(batch):  # the batches the interrupted run already trained on
+                next(batches)
+            if saved:
+                restore_rng(saved["rng"], shuffle, rngs)
+                saved = None
+            for images, labels in batches:
+                seen += images.shape[0]
+                images, labels, share = distributed.shard(images, labels)  # the whole batch in one process
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                scale = cosine_lr(step, steps, cfg.warmup_steps)
+                for group, base in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base * scale
+                loss = loss_fn(images, labels, step)
+                optimizer.zero_grad(set_to_none=True)
+                (loss * share if share != 1.0 else loss).backward()
+                distributed.sum_gradients(model)  # no-op in one process
+                optimizer.step()
+                step, batch = step + 1, batch + 1
+                now = time.perf_counter()
+                if distributed.is_primary() and (now - last_log >= cfg.log_every_s or step == steps):
+                    loss_value = loss.item()  # sync only when reporting, not every step
+                    rate = seen / max(now - start, 1e-9)
+                    eta = (steps - step) * (now - start) / (step - start_step)
+                    log.info("%s: epoch %.2f step %d/%d loss %.4f %.0f img/s ETA %.0fs",
+                             name, step / len(loader), step, steps, loss_value, rate, eta)
+                    last_log = now
+                if env.checkpoints is not None and step < steps and now - last_save >= env.every_s:
+                    _save_checkpoint(env, name, model, optimizer, steps, step, batch, loss.item(), epoch_rng,
+                                     capture_rng(shuffle, rngs))
+                    last_save = time.perf_counter()
+                if step >= steps:
+                    break
+            else:
+                batch, epoch_rng = 0, None
     if env.checkpoints is not None and step > start_step:  # done: a re-run skips straight to the end
         _save_checkpoint(env, name, model, optimizer, steps, step, batch, loss_value, epoch_rng,
                          capture_rng(shuffle, rngs))

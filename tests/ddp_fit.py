@@ -19,9 +19,10 @@ CFG = TrainConfig(epochs=2, lr=0.05, optimizer="sgd", seed=3)
 
 
 def small_net() -> nn.Module:
-    """No BatchNorm: with it, each process normalises its own slice (as DDP does) and results differ."""
+    """With BatchNorm: each process sees a slice, yet must normalise with the global batch's statistics."""
     torch.manual_seed(1)
-    return nn.Sequential(nn.Conv2d(1, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(),
+    return nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
 
