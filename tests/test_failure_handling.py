@@ -61,6 +61,7 @@ def retrain_fails(config: Path, project: Path = REPO) -> str:
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 1, result.output[-3000:]
     assert len(errors) == 1, result.output[-3000:]
+    print(errors[0])  # `pytest -rP tests/test_failure_handling.py` lists what each bad input says
     return errors[0]
 
 
