@@ -14,7 +14,7 @@ from infra.devices import load_inventory, select_devices
 from methods.base import Candidate
 from methods.profiling import DeviceProfile
 from podium.config import PodiumConfig, load_config
-from registry.mlflow_registry import ModelRegistry
+from registry.mlflow_registry import ModelRegistry, first_line
 from tasks.anchors import acquire_anchors
 from tasks.common import RunContext, artifact_root, load_data
 from tasks.data import validate_data, version_dataset
@@ -38,10 +38,6 @@ class RetrainResult:
 
 class BranchError(RuntimeError):
     """Some methods or devices failed; the rest of the run finished (one line naming each failure)."""
-
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def git_sha(project_dir: Path) -> str:

@@ -69,7 +69,7 @@ class ModelRegistry:
             mlflow.set_tracking_uri(tracking_uri)
             self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         except Exception as exc:  # unknown scheme, malformed URI
-            raise RegistryError(f"MLflow tracking URI {tracking_uri!r} is unusable: {_first_line(exc)}") from None
+            raise RegistryError(f"MLflow tracking URI {tracking_uri!r} is unusable: {first_line(exc)}") from None
 
     def check_reachable(self, timeout_s: float = 5.0) -> None:
         """Fail in seconds, not after MLflow's minutes of retries, when a tracking server is down."""
@@ -96,9 +96,9 @@ class ModelRegistry:
                 location = str(self.artifact_root)
             return self.client.create_experiment(name, artifact_location=location)
         except MlflowException as exc:
-            raise RegistryError(f"MLflow at {self.tracking_uri} failed: {_first_line(exc)}") from None
+            raise RegistryError(f"MLflow at {self.tracking_uri} failed: {first_line(exc)}") from None
         except Exception as exc:  # unreachable server, bad URI scheme
-            raise RegistryError(f"MLflow tracking URI {self.tracking_uri!r} is unusable: {_first_line(exc)}") from None
+            raise RegistryError(f"MLflow tracking URI {self.tracking_uri!r} is unusable: {first_line(exc)}") from None
 
     def start_run(self, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> str:
         run = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags=tags or {})
@@ -206,6 +206,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception as one line for an error message (its first line, at most 300 characters)."""
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
