@@ -25,12 +25,11 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from methods.catalog import method_class  # noqa: E402
-from methods.train import evaluate  # noqa: E402
 from podium.config import parse_config  # noqa: E402
-from tasks.common import DatasetRef, RunContext, load_data  # noqa: E402
-from tasks.distributed import fit_distributed  # noqa: E402
-
+from podium.methods.catalog import method_class  # noqa: E402
+from podium.methods.train import evaluate  # noqa: E402
+from podium.tasks.common import DatasetRef, RunContext, load_data  # noqa: E402
+from podium.tasks.distributed import fit_distributed  # noqa: E402
 
 METHOD = "self_distill"  # needs no anchors, so the bench trains nothing else
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from registry.release import ReleaseError, fetch_release, publish_release, read_current  # noqa: E402
-from registry.store import S3Store, StoreError  # noqa: E402
+from podium.registry.release import ReleaseError, fetch_release, publish_release, read_current  # noqa: E402
+from podium.registry.stores import S3Store, StoreError  # noqa: E402
 
 MODEL, DEVICE, BUCKET = "bench-model", "cpu-1t", "podium-bench"
 SIZES = {"model.onnx": 5 << 20, "weights.safetensors": 3 << 20, "calibration.bin": 1 << 20, "labels.txt": 64}

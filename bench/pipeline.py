@@ -110,7 +110,7 @@ def task_interval(task_run) -> tuple[float, float] | None:
 
 
 def timed_flow(config: str, project: Path, profile_to: Path | None, label: str) -> dict:
-    from flows.retrain import run_retrain
+    from podium.flows.retrain import run_retrain
 
     profiler = None
     if profile_to is not None:
@@ -177,8 +177,8 @@ def throughput(arch: dict, epochs: float, lr: float, repeats: int, threads: int)
     """Best images/s of ``methods.train.fit`` and of :func:`plain_loop`, interleaved (noise hits both)."""
     import torch
 
-    from methods.families import build
-    from methods.train import TrainConfig, cross_entropy_loss, fit, total_steps
+    from podium.methods.families import build
+    from podium.methods.train import TrainConfig, cross_entropy_loss, fit, total_steps
     from tests.conftest import digits_bundle
 
     torch.set_num_threads(threads)
@@ -251,7 +251,7 @@ def main() -> None:
             os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
             os.chdir(project)  # the config's relative paths (sqlite:///mlflow.db, store) resolve here
             start = time.perf_counter()
-            import flows.retrain  # noqa: F401  (torch, prefect, mlflow, timm, ...)
+            import podium.flows.retrain  # noqa: F401  (torch, prefect, mlflow, timm, ...)
             imports = time.perf_counter() - start
             from prefect.client.orchestration import get_client
 
@@ -262,7 +262,7 @@ def main() -> None:
 
             # The flow body's first act is opening the MLflow store; on a new SQLite DB that runs MLflow's
             # schema migrations (a one-off per tracking DB, none with an MLflow server). Timed as it happens.
-            from registry.mlflow_registry import ModelRegistry
+            from podium.registry.mlflow_registry import ModelRegistry
 
             opened: list[float] = []
             real_init = ModelRegistry.__init__
@@ -305,7 +305,6 @@ def main() -> None:
             rows.append(("warm / cold wall", f"{ratio:.1%} (cached: {cached})", f"<= {WARM_MAX:.0%}",
                          "ok" if ratio <= WARM_MAX else "FAIL"))
 
-        import torch  # noqa: E402
 
         from podium.config import load_config
 

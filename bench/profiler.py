@@ -26,17 +26,18 @@ ARCH = {"family": "resnet", "layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128
 
 CHILD = r"""
 import json, sys, time
+from pathlib import Path
 sys.path.insert(0, {repo!r})
 import torch
-from methods.export import load_weights
-from methods.families import build
-from methods.profiling import DeviceProfile, measure
+from podium.methods.export import load_weights
+from podium.methods.families import build
+from podium.methods.profiling import DeviceProfile, measure
 runtime, threads, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
 model = load_weights(build({arch!r}, num_classes=10, in_chans=3), {weights!r}).eval()
 profile = DeviceProfile(name="bench", runtime=runtime, threads=threads, batch_size=1, latency_budget_ms=1000)
 start = time.perf_counter()
-stats = measure(model, (3, size, size), profile, onnx_path={onnx!r})
+stats = measure(model, (3, size, size), profile, artifact=Path({onnx!r}) if runtime == "onnxruntime" else None)
 wall = time.perf_counter() - start
 print(json.dumps({{"stats": stats.as_dict(), "wall_s": wall}}))
 """
@@ -50,8 +51,8 @@ def main() -> None:
 
     import torch
 
-    from methods.export import export_onnx, save_weights
-    from methods.families import build
+    from podium.methods.export import export_onnx, save_weights
+    from podium.methods.families import build
 
     with tempfile.TemporaryDirectory(prefix="podium-bench-profiler-") as tmp:
         torch.manual_seed(0)

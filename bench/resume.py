@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from methods.checkpoint import TrainingEnv, training_env  # noqa: E402
-from methods.families import build  # noqa: E402
-from methods.train import TrainConfig, cross_entropy_loss, fit, total_steps  # noqa: E402
-from registry.store import LocalStore  # noqa: E402
-from tasks.common import StoreCheckpoints  # noqa: E402
+from podium.methods.checkpoint import TrainingEnv, training_env  # noqa: E402
+from podium.methods.families import build  # noqa: E402
+from podium.methods.train import TrainConfig, cross_entropy_loss, fit, total_steps  # noqa: E402
+from podium.registry.stores import LocalStore  # noqa: E402
+from podium.tasks.common import StoreCheckpoints  # noqa: E402
 from tests.conftest import digits_bundle  # noqa: E402
 
 ARCH = {"family": "resnet", "layers": [2, 2, 2, 2], "channels": [32, 64, 128, 256]}

@@ -19,14 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from methods.families import build  # noqa: E402
-from methods.profiling import DeviceProfile, measure  # noqa: E402
-from methods.scaling import (  # noqa: E402
-    ScalingConfig,
-    plan_scales,
-    plot_runtime_correlation,
-    runtime_correlation,
-)
+from podium.methods.families import build  # noqa: E402
+from podium.methods.profiling import DeviceProfile, measure  # noqa: E402
+from podium.methods.scaling import ScalingConfig, plan_scales, runtime_correlation  # noqa: E402
+from podium.tasks.plots import plot_runtime_correlation  # noqa: E402
 
 
 def main() -> None:
@@ -47,8 +43,8 @@ def main() -> None:
                             max_seconds=args.max_seconds)
     data = None
     if args.train_steps:
-        from methods.scaling import Scaling
-        from methods.train import TrainConfig
+        from podium.methods.scaling import Scaling
+        from podium.methods.train import TrainConfig
         from tests.conftest import digits_bundle
 
         data = digits_bundle()

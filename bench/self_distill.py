@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,11 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from methods.complexity import count  # noqa: E402
-from methods.export import export_onnx  # noqa: E402
-from methods.profiling import DeviceProfile, measure_onnx, measure_torch  # noqa: E402
-from methods.self_distill import MultiExitNet, SelfDistill, SelfDistillConfig, measure_early_exit  # noqa: E402
-from methods.train import TrainConfig, evaluate  # noqa: E402
+from podium.methods.complexity import count  # noqa: E402
+from podium.methods.profiling import DeviceProfile, measure  # noqa: E402
+from podium.methods.self_distill import MultiExitNet, SelfDistill, SelfDistillConfig, measure_early_exit  # noqa: E402
+from podium.methods.train import TrainConfig, evaluate  # noqa: E402
 from tests.conftest import digits_bundle  # noqa: E402
 
 CPU_1T = DeviceProfile(name="cpu-1t", threads=1, latency_budget_ms=1000, max_seconds=3.0)
@@ -49,9 +47,8 @@ class Ensemble(nn.Module):
 
 def row(name: str, model: nn.Module, data, shape) -> dict:
     cx = count(model, shape[1:], shape[0])
-    lat = measure_torch(model, shape, CPU_1T)
-    with tempfile.TemporaryDirectory() as tmp:
-        ort_lat = measure_onnx(export_onnx(model, shape, Path(tmp) / "m.onnx"), shape, CPU_1T)
+    lat = measure(model, shape, CPU_1T)
+    ort_lat = measure(model, shape, CPU_1T.model_copy(update={"runtime": "onnxruntime"}))
     return {"model": name, "val": evaluate(model, data.val), "test": evaluate(model, data.test),
             "mflops": cx.flops / 1e6, "kparams": cx.params / 1e3, "ms": lat.p50_ms, "ort_ms": ort_lat.p50_ms}
 

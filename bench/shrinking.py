@@ -23,10 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from methods.profiling import DeviceProfile, measure_torch  # noqa: E402
-from methods.shrinking import (OFASupernet, OpenSpace, Shrinking, ShrinkingConfig, describe_space,  # noqa: E402
-                               extract_subnet)
-from methods.train import evaluate, fit, resize  # noqa: E402
+from podium.methods.profiling import DeviceProfile, measure  # noqa: E402
+from podium.methods.shrinking import OFASupernet, OpenSpace, Shrinking, ShrinkingConfig, describe_space, extract_subnet  # noqa: E402
+from podium.methods.train import evaluate, fit, resize  # noqa: E402
 from tests.conftest import digits_bundle  # noqa: E402
 
 
@@ -89,7 +88,7 @@ def main() -> None:
     for arch in lat_archs:
         predicted = table.predict(arch)
         net = extract_subnet(space.supernet, arch).cpu().eval()
-        measured = measure_torch(net, (data.input_spec.channels, arch.resolution, arch.resolution), device).p50_ms
+        measured = measure(net, (data.input_spec.channels, arch.resolution, arch.resolution), device).p50_ms
         errors.append(abs(predicted - measured) / measured * 100)
         rows.append((arch.name, predicted, measured, errors[-1]))
     print(f"\nlatency predictor on this machine ({device.name}: torch, 1 thread, batch 1; "

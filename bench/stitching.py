@@ -10,22 +10,37 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from methods.base import Anchor  # noqa: E402
-from methods.families import build  # noqa: E402
-from methods.stitching import Stitching, StitchingConfig, format_table, pareto_rows  # noqa: E402
-from methods.train import TrainConfig, cross_entropy_loss, evaluate, fit  # noqa: E402
+from podium.methods.base import Anchor  # noqa: E402
+from podium.methods.families import build  # noqa: E402
+from podium.methods.stitching import Stitching, StitchingConfig, pareto_rows  # noqa: E402
+from podium.methods.train import TrainConfig, cross_entropy_loss, evaluate, fit  # noqa: E402
 from tests.conftest import digits_bundle  # noqa: E402
 
 ANCHORS = {
     "small": {"family": "resnet", "layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128]},
     "large": {"family": "resnet", "layers": [2, 2, 2, 2], "channels": [32, 64, 128, 256]},
 }
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """Plain-text table (for logs and benches)."""
+    cells = [[str(c) for c in columns]] + [[_fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}".rstrip("0").rstrip(".")
+    return "" if value is None else str(value)
 
 
 def main() -> None:

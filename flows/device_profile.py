@@ -26,15 +26,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from methods.profiling import DeviceProfile, measure_onnx
-from podium.data import sha256_file
-from registry.store import ArtifactStore, open_store
+from podium.errors import ProfileRequestError
+from podium.files import sha256_file
+from podium.methods.profiling import DeviceProfile, measure
+from podium.methods.runtimes import remote_runtime
+from podium.registry.stores import ArtifactStore, open_store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-class ProfileRequestError(ValueError):
-    """A malformed request or a model file that does not match its announced checksum."""
 
 
 def measure_models(device: DeviceProfile, models: list[dict[str, Any]], store: ArtifactStore,
@@ -45,22 +43,24 @@ def measure_models(device: DeviceProfile, models: list[dict[str, Any]], store: A
     model fails the whole request: a partial answer would silently drop candidates from the race.
     """
     log = logger or logging.getLogger("podium.flows.device_profile")
-    if device.runtime == "torch":
-        log.warning("device %s asks for runtime torch: measuring the exported ONNX graph with ONNX Runtime "
-                    "instead (a remote device never rebuilds PyTorch modules); stats are labelled onnxruntime",
-                    device.name)
+    runtime = remote_runtime(device.runtime)
+    if runtime.name != device.runtime:
+        log.warning("device %s asks for runtime %s: measuring the exported graph with %s instead (a remote "
+                    "device never rebuilds PyTorch modules); stats are labelled %s", device.name, device.runtime,
+                    runtime.name, runtime.name)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="podium-profile-") as tmp:
         for i, model in enumerate(models):
             name, key, shape = model.get("name"), model.get("onnx"), model.get("input_shape")
             if not (isinstance(name, str) and isinstance(key, str) and isinstance(shape, list) and len(shape) == 3):
                 raise ProfileRequestError(f"model #{i}: expected name, onnx key and a 3-item input_shape, got {model}")
-            local = Path(tmp) / f"{i}.onnx"
+            local = Path(tmp) / f"{i}-{runtime.artifact_name}"
             store.get_file(key, local)
             expected = model.get("onnx_sha256")
             if expected and sha256_file(local) != expected:
                 raise ProfileRequestError(f"model {name!r}: {key} does not match its sha256")
-            stats = measure_onnx(local, (int(shape[0]), int(shape[1]), int(shape[2])), device)
+            stats = measure(None, (int(shape[0]), int(shape[1]), int(shape[2])), device, artifact=local,
+                            runtime=runtime.name)
             results[name] = stats.as_dict()
             log.info("%s on %s: p50 %.3f ms (%d runs)", name, device.name, stats.p50_ms, stats.runs)
             local.unlink()
@@ -94,7 +94,7 @@ def deploy_profiler(work_pool: str, source: Path | str = REPO_ROOT) -> str:
     The worker on the device runs the flow from ``source`` (a checkout of this repository on that
     machine, or a git URL), so the device needs the repository and its Python environment.
     """
-    from tasks.profile import profiler_deployment
+    from podium.tasks.profile import profiler_deployment
 
     flow_name, deployment_name = profiler_deployment(work_pool).split("/", 1)
     remote = profile.from_source(source=str(source), entrypoint="flows/device_profile.py:profile")

@@ -20,14 +20,12 @@ from pathlib import Path
 
 import psutil
 
+from podium.errors import StackError
+
 HOST = "127.0.0.1"
 DEFAULT_DIR = Path(".podium/stack")
 MLFLOW_PORT, PREFECT_PORT = 5000, 4200
 QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_ENABLE_TELEMETRY": "false"}
-
-
-class StackError(RuntimeError):
-    """A service of the local stack could not be started or stopped (one line, with its log path)."""
 
 
 @dataclass(frozen=True)

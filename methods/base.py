@@ -1,8 +1,9 @@
 """Core types shared by every method: data, anchors, candidates and candidate spaces."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol, runtime_checkable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -108,7 +109,7 @@ class Candidate:
     ``metrics`` holds at least ``val_acc`` (fraction in [0, 1]) and the complexity figures
     ``flops`` (multiply-adds), ``params`` and ``acts`` from :mod:`methods.complexity`.
     ``input_size`` is the (height, width) the candidate runs at: methods that scale
-    resolution (scaling, OFA) give each candidate its own.
+    resolution (scaling, OFA) give each candidate its own; ``in_chans`` its input channels.
     """
 
     name: str
@@ -117,14 +118,59 @@ class Candidate:
     model: nn.Module
     input_size: tuple[int, int]
     metrics: dict[str, float] = field(default_factory=dict)
+    in_chans: int = field(kw_only=True)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """C, H, W of one input (exports and measurements use it)."""
+        return (self.in_chans, *self.input_size)
 
 
-@runtime_checkable
-class CandidateSpace(Protocol):
+class CandidateSpace(ABC):
     """What ``Method.fit`` returns. ``candidates(device)`` yields a finite set for that device.
 
-    ``device`` is a :class:`methods.profiling.DeviceProfile` or None (all candidates). Spaces too
-    large to enumerate search per device and yield the top few.
+    ``device`` is a :class:`podium.methods.profiling.DeviceProfile` or None (all candidates). Spaces
+    too large to enumerate search per device and yield the top few. ``report`` (numbers and small
+    JSON) and ``tables`` (rows the run report logs and plots) are optional.
     """
 
+    @abstractmethod
     def candidates(self, device: Any = None) -> Iterable[Candidate]: ...
+
+    def report(self) -> dict[str, Any]:
+        return {}
+
+    def tables(self) -> dict[str, list[dict[str, Any]]]:
+        """Named tables of rows; rows with ``flops`` and ``val_acc`` are drawn as an accuracy front."""
+        return {}
+
+
+class Method(ABC):
+    """A method as the catalogue knows it: built from its config, ``fit`` returns its space.
+
+    Usable without orchestration: ``space = Stitching(cfg).fit(data, anchors)``. ``name`` is set by
+    :func:`podium.methods.catalog.register_method`.
+    """
+
+    name: str = ""
+
+    @abstractmethod
+    def fit(self, data: DataBundle, anchors: Sequence[Anchor] = (), teacher: Anchor | None = None
+            ) -> CandidateSpace: ...
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What a space needs to know of the data without loading it (``podium space show``)."""
+
+    num_classes: int
+    channels: int
+    image_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class AnchorSpec:
+    """An anchor by name and architecture, before any weights exist."""
+
+    name: str
+    arch: dict[str, Any]

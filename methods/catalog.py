@@ -1,31 +1,82 @@
-"""The catalogue of methods: name -> (config class, method class), imported on first use."""
+"""The catalogue of methods, filled by the defining modules (timm style).
+
+A method module decorates its method class with :func:`register_method`; ``podium.methods``
+imports every method module eagerly, so a name is known as soon as the package is imported.
+The config loader, ``podium space show``, the training task's cache key and the report ask the
+catalogue; nothing imports a method by name.
+
+A registered method class is built from its config (``Method(cfg)``) and its ``fit(data, anchors,
+teacher)`` returns a :class:`~podium.methods.base.CandidateSpace`. ``describe(cfg, shape, anchors)``
+lists its space without training, as rows of plain values.
+"""
 from __future__ import annotations
 
-import importlib
-from typing import Any
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
-from methods.base import StrictModel
+from podium.methods.base import AnchorSpec, DataShape, StrictModel
 
-_METHODS: dict[str, tuple[str, str, str]] = {
-    "stitching": ("methods.stitching", "StitchingConfig", "Stitching"),
-    "shrinking": ("methods.shrinking", "ShrinkingConfig", "Shrinking"),
-    "scaling": ("methods.scaling", "ScalingConfig", "Scaling"),
-    "self_distill": ("methods.self_distill", "SelfDistillConfig", "SelfDistill"),
-}
-
-METHOD_NAMES = tuple(_METHODS)
+Describe = Callable[[Any, DataShape, Sequence[AnchorSpec]], list[dict[str, Any]]]
 
 
-def _lookup(name: str, index: int) -> Any:
-    if name not in _METHODS:
-        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(METHOD_NAMES)}")
-    module_name = _METHODS[name][0]
-    return getattr(importlib.import_module(module_name), _METHODS[name][index])
+@dataclass(frozen=True)
+class MethodEntry:
+    name: str
+    config: type[StrictModel]
+    method: type
+    describe: Describe
+
+    @property
+    def source_files(self) -> list[Path]:
+        """The method's own source: its module, or every file of its package."""
+        module = sys.modules[self.method.__module__]
+        path = Path(module.__file__)
+        package = module.__name__.rsplit(".", 1)[0]
+        if path.name != "__init__.py" and sys.modules[package].__file__.endswith("__init__.py") \
+                and package != "podium.methods":
+            path = Path(sys.modules[package].__file__)
+        return sorted(path.parent.glob("*.py")) if path.name == "__init__.py" else [path]
+
+    def source_digest(self) -> str:
+        """Changes with any line of the method's code (part of its training cache key)."""
+        digest = hashlib.sha256()
+        for path in self.source_files:
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        return digest.hexdigest()[:16]
+
+
+METHODS: dict[str, MethodEntry] = {}
+
+
+def register_method(name: str, config: type[StrictModel], describe: Describe) -> Callable[[type], type]:
+    """Class decorator: register ``cls`` as method ``name`` with its config model and describer."""
+
+    def wrap(cls: type) -> type:
+        if name in METHODS and METHODS[name].method is not cls:
+            raise ValueError(f"method {name!r} is registered twice")
+        METHODS[name] = MethodEntry(name, config, cls, describe)
+        cls.name = name
+        return cls
+
+    return wrap
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(METHODS)
+
+
+def get_method(name: str) -> MethodEntry:
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
+    return METHODS[name]
 
 
 def config_class(name: str) -> type[StrictModel]:
-    return _lookup(name, 1)
+    return get_method(name).config
 
 
 def method_class(name: str) -> type:
-    return _lookup(name, 2)
+    return get_method(name).method

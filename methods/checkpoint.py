@@ -26,6 +26,8 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
+from podium.files import atomic_write_bytes
+
 log = logging.getLogger("podium.train")
 
 
@@ -50,10 +52,7 @@ class DirectoryCheckpoints:
         return path.read_bytes() if path.exists() else None
 
     def save(self, name: str, data: bytes) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self._path(name).with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(self._path(name))
+        atomic_write_bytes(self._path(name), data)
 
 
 def checkpoint_file_name(name: str) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -35,13 +34,3 @@ def save_weights(model: nn.Module, path: Path) -> Path:
 def load_weights(model: nn.Module, path: Path) -> nn.Module:
     model.load_state_dict(load_file(str(path)))
     return model
-
-
-def onnx_logits(path: Path, images: np.ndarray, threads: int = 1) -> np.ndarray:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {"input": images.astype(np.float32)})[0]

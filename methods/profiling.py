@@ -1,32 +1,33 @@
 """The one profiler: measured latency and memory of a model on a device profile.
 
 Latency is always measured, never estimated: warm-up, then repeats in rounds until the median
-is stable (or a cap), reported as p50/p90/mean/IQR. Runtimes: PyTorch eager or ONNX Runtime on
-the exported graph (what a deployment team ships).
+is stable (or a cap), reported as p50/p90/mean/IQR. The device's runtime (:mod:`podium.methods.runtimes`)
+decides what runs: the module itself (eager PyTorch) or its exported artifact (ONNX Runtime, ...).
 """
 from __future__ import annotations
 
 import os
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 import psutil
-import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from methods.base import StrictModel
+from podium.methods.base import StrictModel
+from podium.methods.runtimes import Source, get_runtime, runtime_names
 
 
 class DeviceProfile(StrictModel):
     """A deployment target: how to run the model there and what it may cost."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
-    runtime: Literal["torch", "onnxruntime"] = "torch"
+    runtime: str = "torch"  # a name in podium.methods.runtimes.RUNTIMES
     threads: int = Field(1, ge=1, le=256)
     batch_size: int = Field(1, ge=1, le=4096)
     latency_budget_ms: float = Field(gt=0, le=600_000)
@@ -37,6 +38,13 @@ class DeviceProfile(StrictModel):
     max_repeats: int = Field(200, ge=3)
     max_seconds: float = Field(10.0, gt=0)
     stable_tolerance: float = Field(0.03, gt=0)  # stop when the median moves less than this (relative)
+
+    @field_validator("runtime")
+    @classmethod
+    def _known_runtime(cls, value: str) -> str:
+        if value not in runtime_names():
+            raise ValueError(f"unknown runtime {value!r}; known runtimes: {', '.join(runtime_names())}")
+        return value
 
     @model_validator(mode="after")
     def _repeats_ordered(self) -> "DeviceProfile":
@@ -90,47 +98,26 @@ def _rss_mb() -> float:
     return psutil.Process(os.getpid()).memory_info().rss / 2**20
 
 
-def measure_torch(model: nn.Module, input_shape: tuple[int, int, int], profile: DeviceProfile) -> LatencyStats:
-    """Latency of eager PyTorch on CPU with ``profile.threads`` intra-op threads."""
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(profile.threads)
-    try:
-        model = model.eval()
-        inputs = torch.randn(profile.batch_size, *input_shape)
+def measure(model: nn.Module | None, input_shape: tuple[int, int, int], profile: DeviceProfile,
+            artifact: Source | None = None, runtime: str | None = None) -> LatencyStats:
+    """Latency and memory of ``model`` on the profile's runtime (or ``runtime``, for remote devices).
+
+    ``artifact`` is the runtime's already exported artifact (an ONNX file, ...); without one the model
+    is exported to a temporary folder first. Peak memory is the resident-memory growth of this
+    process while the session opens and runs its first batch.
+    """
+    rt = get_runtime(runtime or profile.runtime)
+    batch = np.random.default_rng(0).standard_normal((profile.batch_size, *input_shape), dtype=np.float32)
+    with tempfile.TemporaryDirectory(prefix="podium-measure-") as tmp:
+        if artifact is None:
+            if model is None:
+                raise ValueError(f"device {profile.name!r}: nothing to measure (no model, no artifact)")
+            artifact = rt.export(model, input_shape, Path(tmp))
         rss_before = _rss_mb()
-        with torch.inference_mode():
-            model(inputs)
+        with rt.open(artifact, profile.threads) as session:
+            prepared = session.prepare(batch)
+            session.run(prepared)
             peak = max(0.0, _rss_mb() - rss_before)
-            samples = _time_until_stable(lambda: model(inputs), profile)
-    finally:
-        torch.set_num_threads(previous_threads)
-    return LatencyStats(*_summarise(samples), runs=len(samples), peak_mem_mb=peak, runtime="torch",
+            samples = _time_until_stable(lambda: session.run(prepared), profile)
+    return LatencyStats(*_summarise(samples), runs=len(samples), peak_mem_mb=peak, runtime=rt.name,
                         threads=profile.threads, batch_size=profile.batch_size)
-
-
-def measure_onnx(onnx_path: Path, input_shape: tuple[int, int, int], profile: DeviceProfile) -> LatencyStats:
-    """Latency of ONNX Runtime (CPU provider) on the exported graph."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = profile.threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    rss_before = _rss_mb()
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    feed = {"input": np.random.default_rng(0).standard_normal((profile.batch_size, *input_shape), dtype=np.float32)}
-    session.run(None, feed)
-    peak = max(0.0, _rss_mb() - rss_before)
-    samples = _time_until_stable(lambda: session.run(None, feed), profile)
-    return LatencyStats(*_summarise(samples), runs=len(samples), peak_mem_mb=peak, runtime="onnxruntime",
-                        threads=profile.threads, batch_size=profile.batch_size)
-
-
-def measure(model: nn.Module, input_shape: tuple[int, int, int], profile: DeviceProfile,
-            onnx_path: Path | None = None) -> LatencyStats:
-    """Measure on the profile's runtime (ONNX Runtime needs the exported graph)."""
-    if profile.runtime == "onnxruntime":
-        if onnx_path is None:
-            raise ValueError(f"device {profile.name!r} uses onnxruntime but no ONNX file was given")
-        return measure_onnx(onnx_path, input_shape, profile)
-    return measure_torch(model, input_shape, profile)

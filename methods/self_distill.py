@@ -36,11 +36,21 @@ from pydantic import Field
 from timm.models import FeatureListNet
 from torch import nn
 
-from methods.base import Anchor, Candidate, DataBundle, StrictModel
-from methods.complexity import count
-from methods.families import build
-from methods.losses import kd_kl
-from methods.train import TrainConfig, cross_entropy_loss, evaluate, fit, model_device, pick_device
+from podium.methods.base import (
+    Anchor,
+    AnchorSpec,
+    Candidate,
+    CandidateSpace,
+    DataBundle,
+    DataShape,
+    Method,
+    StrictModel,
+)
+from podium.methods.catalog import register_method
+from podium.methods.complexity import count
+from podium.methods.families import build
+from podium.methods.losses import kd_kl
+from podium.methods.train import TrainConfig, cross_entropy_loss, evaluate, fit, model_device, pick_device
 
 log = logging.getLogger("podium.self_distill")
 
@@ -385,7 +395,7 @@ def _run_early_exit(net: EarlyExitNet, loader) -> dict[str, Any]:
     return {"acc": correct / max(total, 1), "mean_ms": 1e3 * sum(times) / max(len(times), 1), "exit_counts": hist}
 
 
-class SelfDistillSpace:
+class SelfDistillSpace(CandidateSpace):
     """One candidate per exit; ``report()`` holds the numbers the task layer logs to MLflow."""
 
     def __init__(self, model: MultiExitNet, cfg: SelfDistillConfig, data: DataBundle,
@@ -415,7 +425,7 @@ class SelfDistillSpace:
             config = {**self.cfg.model_dump(mode="json"), "exit": pos + 1, "num_exits": self.model.num_exits,
                       "stage": self.model.stages[pos].module}
             yield Candidate(name=f"sd-exit{pos + 1}", method=SelfDistill.name, config=config, model=exit_net,
-                            input_size=spec.size, metrics=metrics)
+                            input_size=spec.size, metrics=metrics, in_chans=spec.channels)
 
     def report(self) -> dict[str, float]:
         """Flat numeric metrics on the validation split, ready for ``mlflow.log_metrics``:
@@ -447,7 +457,12 @@ class SelfDistillSpace:
         return dict(report)
 
 
-class SelfDistill:
+def describe(cfg: SelfDistillConfig, shape: DataShape, anchors: Sequence[AnchorSpec]) -> list[dict[str, Any]]:
+    return [describe_space(cfg, shape.num_classes, shape.channels)]
+
+
+@register_method('self_distill', SelfDistillConfig, describe)
+class SelfDistill(Method):
     """Be Your Own Teacher: train a multi-exit backbone with self-distillation; exits are candidates."""
 
     name = "self_distill"

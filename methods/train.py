@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from methods import checkpoint, distributed
-from methods.base import StrictModel
-from methods.checkpoint import TrainingEnv, capture_rng, current_env, restore_rng
+from podium.methods import checkpoint, distributed
+from podium.methods.base import StrictModel
+from podium.methods.checkpoint import TrainingEnv, capture_rng, current_env, restore_rng
 
 log = logging.getLogger("podium.train")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -19,29 +18,14 @@ app.add_typer(space_app, name="space")
 app.add_typer(stack_app, name="stack")
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from flows.retrain import BranchError
-    from infra.devices import DeviceError
-    from infra.stack import StackError
-    from podium.config import ConfigError
-    from podium.data import DataError
-    from podium.validation import DataValidationError
-    from registry.mlflow_registry import RegistryError
-    from registry.release import ReleaseError
-    from registry.store import StoreError
-    from tasks.anchors import AnchorError
-
-    return (ConfigError, DeviceError, DataError, DataValidationError, RegistryError, ReleaseError, StoreError,
-            AnchorError, BranchError, StackError)
-
-
 def _run(action: Callable[[], object]) -> None:
     """Run a command; a known failure prints one line naming the problem and exits non-zero."""
+    from podium.errors import PodiumError
+
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    errors = _known_errors()
     try:
         action()
-    except errors as exc:
+    except PodiumError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1)
 
@@ -59,7 +43,7 @@ def retrain(config: Path = typer.Option(Path("configs/demo.yaml"), help="pipelin
     _project_env(project_dir)
 
     def action() -> None:
-        from flows.retrain import run_retrain
+        from podium.flows.retrain import run_retrain
 
         run_retrain(str(config), str(project_dir))
 
@@ -71,12 +55,10 @@ def validate(config: Path = typer.Option(Path("configs/demo.yaml")), project_dir
     """Check a config and its dataset (no training, no registry changes)."""
 
     def action() -> None:
-        from infra.devices import load_inventory, select_devices
-        from podium.config import load_config
+        from podium.tasks.runs import load_run_config
         from podium.validation import validate_dataset
 
-        cfg = load_config(config)
-        select_devices(load_inventory(Path(cfg.devices.inventory)), cfg.devices.use, str(config))
+        cfg, _devices = load_run_config(str(config))
         report = validate_dataset(project_dir / cfg.data.path, classes=cfg.data.classes,
                                   min_per_class=cfg.data.min_per_class)
         report.raise_for_failures()
@@ -109,8 +91,8 @@ def fetch(model: str = typer.Option(...), device: str = typer.Option(...), dest:
     """Download a device's released model, verifying every checksum; writes nothing on a mismatch."""
 
     def action() -> None:
-        from registry.release import fetch_release
-        from registry.store import open_store
+        from podium.registry.release import fetch_release
+        from podium.registry.stores import open_store
 
         manifest = fetch_release(open_store(store, endpoint_url), model, device, dest, version=version)
         typer.echo(f"fetched {model}/{device} v{manifest['version']} -> {dest} "
@@ -127,7 +109,7 @@ def models(config: Path = typer.Option(Path("configs/demo.yaml"))) -> None:
         from datetime import datetime, timezone
 
         from podium.config import load_config
-        from registry.mlflow_registry import ModelRegistry
+        from podium.registry.mlflow_registry import ModelRegistry
 
         cfg = load_config(config)
         registry = ModelRegistry(cfg.tracking.uri, cfg.tracking.artifact_root)
@@ -152,37 +134,37 @@ def rollback(model: str = typer.Option(...), device: str = typer.Option(...),
 
     def action() -> None:
         from podium.config import load_config
-        from registry.mlflow_registry import ModelRegistry, RegistryError
-        from registry.release import set_current
-        from registry.store import open_store
+        from podium.registry import promotion
+        from podium.registry.mlflow_registry import ModelRegistry
+        from podium.registry.stores import open_store
 
         cfg = load_config(config)
         registry = ModelRegistry(cfg.tracking.uri, cfg.tracking.artifact_root)
-        champion = registry.version_by_alias(model, device)
-        if champion is None:
-            raise RegistryError(f"model {model!r} has no alias {device!r}")
-        previous = champion.tags.get("previous_version")
-        if not previous:
-            raise RegistryError(f"{model}@{device} (v{champion.version}) has no previous champion to roll back to")
         store_uri = cfg.store.uri if "://" in cfg.store.uri else str(project_dir / cfg.store.uri)
-        set_current(open_store(store_uri, cfg.store.endpoint_url), model, device, previous)  # store first: verified
-        registry.set_alias(model, device, previous)
-        registry.set_version_tags(model, champion.version, {"promotion": "rolled-back"})
-        typer.echo(f"{model}@{device}: v{champion.version} -> v{previous} (registry alias and store current.json)")
+        was, now = promotion.rollback(registry, open_store(store_uri, cfg.store.endpoint_url), model, device)
+        typer.echo(f"{model}@{device}: v{was} -> v{now} (registry alias and store current.json)")
 
     _run(action)
 
 
 @space_app.command("show")
-def space_show(method: str, config: Path = typer.Option(Path("configs/demo.yaml"))) -> None:
+def space_show(method: str, config: Path = typer.Option(Path("configs/demo.yaml")),
+               project_dir: Path = typer.Option(Path("."))) -> None:
     """Print the size and members of a method's space for the configured anchors/data shape."""
 
     def action() -> None:
         from podium.config import load_config
-        from podium.spaces import describe
+        from podium.data import data_shape
+        from podium.errors import ConfigError
+        from podium.methods.base import AnchorSpec
+        from podium.methods.catalog import get_method
 
         cfg = load_config(config)
-        rows = describe(cfg, method)
+        if method not in cfg.methods:
+            raise ConfigError(f"method {method!r} is not configured; configured: {', '.join(cfg.methods) or 'none'}")
+        anchors = [AnchorSpec(a.name, dict(a.arch)) for a in cfg.anchors]
+        shape = data_shape(project_dir / cfg.data.path, cfg.data.classes, cfg.data.image_size)
+        rows = get_method(method).describe(cfg.method_config(method), shape, anchors)
         for row in rows:
             typer.echo(json.dumps(row, default=str))
         typer.echo(f"{method}: {len(rows)} rows")
@@ -197,7 +179,7 @@ def deploy_profiler(work_pool: str = typer.Option(..., help="the device's Prefec
     """Create or update the `profile` deployment that a worker on a remote device runs for its pool."""
 
     def action() -> None:
-        from flows.device_profile import deploy_profiler as deploy
+        from podium.flows.device_profile import deploy_profiler as deploy
 
         name = deploy(work_pool, source.resolve())
         typer.echo(f"deployment {name} -> work pool {work_pool}; on the device run: "
@@ -219,7 +201,7 @@ def serve(cron: str = typer.Option(..., help='cron schedule, e.g. "0 3 * * *" (d
     def action() -> None:
         from prefect.client.schemas.schedules import CronSchedule
 
-        from flows.retrain import serve_retrain
+        from podium.flows.retrain import serve_retrain
 
         try:
             CronSchedule(cron=cron)
@@ -242,7 +224,7 @@ def stack_up(stack_dir: Path = STACK_DIR, mlflow_port: int = MLFLOW_PORT, prefec
     """Start an MLflow server (SQLite + local artifacts) and a Prefect server on 127.0.0.1; idempotent."""
 
     def action() -> None:
-        from infra import stack
+        from podium.infra import stack
 
         services = stack.stack_services(stack_dir, mlflow_port, prefect_port)
         for line in stack.up(services, stack_dir, timeout):
@@ -260,7 +242,7 @@ def _stack_report(step: str, stack_dir: Path) -> None:
     """Print ``infra.stack.<step>``'s lines for the stack in ``stack_dir``."""
 
     def action() -> None:
-        from infra import stack
+        from podium.infra import stack
 
         for line in getattr(stack, step)(stack.stack_services(stack_dir), stack_dir):
             typer.echo(line)

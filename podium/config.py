@@ -13,14 +13,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from infra.devices import DEFAULT_INVENTORY
-from methods.base import StrictModel
-from methods.catalog import METHOD_NAMES, config_class
-from methods.train import TrainConfig
-
-
-class ConfigError(ValueError):
-    """A bad configuration (one line: file, field path, problem)."""
+from podium.devices import DEFAULT_INVENTORY
+from podium.errors import ConfigError
+from podium.methods.base import StrictModel
+from podium.methods.catalog import config_class, method_names
+from podium.methods.train import TrainConfig
 
 
 class RemoteConfig(StrictModel):
@@ -118,8 +115,8 @@ def parse_config(raw: Any, source: str = "<config>") -> PodiumConfig:
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_first_error(exc)}") from None
     for name in cfg.methods:
-        if name not in METHOD_NAMES:
-            raise ConfigError(f"{source}: methods.{name}: unknown method; known methods: {', '.join(METHOD_NAMES)}")
+        if name not in method_names():
+            raise ConfigError(f"{source}: methods.{name}: unknown method; known methods: {', '.join(method_names())}")
         try:
             cfg.method_config(name)
         except ValidationError as exc:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import logging
 import re
@@ -30,8 +29,11 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from podium.errors import DataError
+from podium.files import sha256_bytes, sha256_file
+
 if TYPE_CHECKING:
-    from methods.base import DataBundle
+    from podium.methods.base import DataBundle, DataShape
 
 log = logging.getLogger("podium.data")
 
@@ -42,10 +44,6 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".t
 # PIL modes that decode to one channel; every other mode is converted to RGB (alpha dropped).
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class DataError(RuntimeError):
-    """A dataset or DVC operation failed; the message is one line saying what and where."""
 
 
 # ----------------------------------------------------------------------------- file helpers
@@ -63,18 +61,6 @@ def is_image_file(path: Path) -> bool:
 def decoded_channels(mode: str) -> int:
     """Channels an image has once decoded by :func:`load_bundle` (grayscale 1, everything else RGB 3)."""
     return 1 if mode in GRAY_MODES else 3
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -326,6 +312,24 @@ def decode_dataset(root: Path, classes: Sequence[str] | None = None
     return {s: (np.stack(arrays), labels) for s, (arrays, labels) in splits.items()}, class_names
 
 
+def data_shape(root: Path | str, classes: Sequence[str] | None, image_size: Sequence[int]) -> "DataShape":
+    """Classes, channels and size of a dataset from its folders and one image header (nothing decoded);
+    10 classes of 1 channel (the digits) when it is not exported yet."""
+    from podium.methods.base import DataShape
+
+    train = Path(root) / "train"
+    size = (int(image_size[0]), int(image_size[1]))
+    if not train.is_dir():
+        return DataShape(len(classes) if classes else 10, 1, size)
+    class_dirs = _class_dirs(train)
+    first = next((f for d in class_dirs for f in image_files(d)), None)
+    channels = 1
+    if first is not None:
+        with Image.open(first) as img:
+            channels = decoded_channels(img.mode)
+    return DataShape(len(classes) if classes else len(class_dirs), channels, size)
+
+
 _BUNDLES: dict[tuple, "DataBundle"] = {}
 _LOCKS: dict[tuple, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
@@ -353,7 +357,7 @@ def load_bundle(root: Path | str, image_size: tuple[int, int], batch_size: int, 
     process (threads included: a per-key lock) share the decoded, normalised tensors. Each call
     returns fresh DataLoaders over them (see :func:`_fresh_loaders`).
     """
-    from methods.base import DataBundle
+    from podium.methods.base import DataBundle
 
     key = (str(Path(root).resolve()), data_hash, tuple(int(v) for v in image_size), int(batch_size),
            tuple(classes) if classes else None, int(seed))

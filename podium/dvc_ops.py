@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from podium.data import DataError
+from podium.errors import DataError
 
 log = logging.getLogger("podium.dvc")
 

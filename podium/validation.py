@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,15 +29,13 @@ from typing import Any, Sequence
 import pandas as pd
 from PIL import Image
 
-from podium.data import SPLITS, class_sort_key, decoded_channels, image_files, sha256_bytes
+from podium.data import SPLITS, class_sort_key, decoded_channels, image_files
+from podium.errors import DataValidationError
+from podium.files import atomic_write_text, sha256_bytes
 
 log = logging.getLogger("podium.validation")
 
 MAX_EXAMPLES = 5
-
-
-class DataValidationError(ValueError):
-    """The dataset failed validation (one line: failed expectations, counts, an example path)."""
 
 
 @dataclass(frozen=True)
@@ -309,8 +306,5 @@ def validate_dataset_cached(root: Path | str, cache_dir: Path | str, data_hash: 
             log.warning("unreadable validation cache entry %s: validating again", path)
     report = validate_dataset(root, classes, min_per_class)
     if report.success:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps(report.to_json(), default=str))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(report.to_json(), default=str))
     return report, False

@@ -10,7 +10,6 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,46 +18,14 @@ import numpy as np
 import onnx
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
-from mlflow.entities.model_registry import ModelVersion
+from mlflow.entities.model_registry import ModelVersion  # noqa: F401  (the type callers get back)
 from mlflow.exceptions import MlflowException
+
+from podium.errors import RegistryError, first_line
 
 log = logging.getLogger("podium.registry")
 
 ONNX_REQUIREMENTS = ["onnx==1.23.2", "onnxruntime==1.32.0"]
-
-
-class RegistryError(RuntimeError):
-    """A registry operation failed (one line)."""
-
-
-@dataclass(frozen=True)
-class PromotionDecision:
-    promote: bool
-    reason: str
-
-
-def decide_promotion(challenger_acc: float, champion: ModelVersion | None, data_hash: str,
-                     champion_acc_on_data: float | None = None) -> PromotionDecision:
-    """Champion/challenger rule: the alias moves only when the challenger is strictly more accurate
-    on the same validation data. ``champion_acc_on_data`` is the champion re-evaluated on this data
-    when its own data hash differs (None = could not be re-evaluated)."""
-    if champion is None:
-        return PromotionDecision(True, "no champion yet")
-    champion_hash = champion.tags.get("data_hash")
-    if champion_hash == data_hash:
-        champion_acc = float(champion.tags.get("val_acc", "nan"))
-        basis = "same validation data"
-    elif champion_acc_on_data is not None:
-        champion_acc = champion_acc_on_data
-        basis = f"champion re-evaluated on the new validation data {data_hash[:12]}"
-    else:
-        return PromotionDecision(True, f"champion v{champion.version} was validated on other data "
-                                       f"({str(champion_hash)[:12]}) and could not be re-evaluated")
-    if challenger_acc > champion_acc:
-        return PromotionDecision(True, f"challenger {challenger_acc:.4f} beats champion v{champion.version} "
-                                       f"{champion_acc:.4f} ({basis})")
-    return PromotionDecision(False, f"champion v{champion.version} kept: {champion_acc:.4f} >= challenger "
-                                    f"{challenger_acc:.4f} ({basis})")
 
 
 class ModelRegistry:
@@ -106,6 +73,17 @@ class ModelRegistry:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def set_run_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, str(value))
+
+    def latest_run(self, experiment: str, tags: dict[str, str], status: str = "FINISHED") -> str | None:
+        """The newest run of ``experiment`` with every tag in ``tags`` and this status, or None."""
+        query = " and ".join([*(f"tags.{k} = '{v}'" for k, v in tags.items()), f"attributes.status = '{status}'"])
+        found = self.client.search_runs([self.experiment_id(experiment)], filter_string=query,
+                                        order_by=["attributes.start_time DESC"], max_results=1)
+        return found[0].info.run_id if found else None
 
     # One ``log_batch`` request (one database transaction) per chunk instead of one per value: MLflow
     # accepts at most 100 params and 1000 metrics per batch.
@@ -204,9 +182,3 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception as one line for an error message (its first line, at most 300 characters)."""
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

@@ -34,7 +34,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
-from registry.store import ArtifactStore, StoreError
+from podium.errors import ReleaseError, StoreError
+from podium.files import size_and_sha256
+from podium.registry.stores import ArtifactStore
 
 log = logging.getLogger("podium.release")
 
@@ -49,10 +51,6 @@ _SHA = re.compile(r"^[0-9a-f]{64}$")
 _RESERVED = ("format", "model", "device", "version", "created_at", "files")
 
 
-class ReleaseError(Exception):
-    """A release could not be published, found or verified; ``str(exc)`` is one line."""
-
-
 def check_name(name: object, what: str = "file name") -> str:
     """A plain name usable as one key segment: no '/', no '..', not hidden, not empty."""
     if not isinstance(name, str) or not _NAME.match(name) or ".." in name or len(name) > 200:
@@ -65,15 +63,6 @@ def release_prefix(model: str, device: str, version: object | None = None) -> st
     """``model/device`` or ``model/device/v{version}`` after checking each segment is a plain name."""
     base = f"{check_name(model, 'model name')}/{check_name(device, 'device name')}"
     return base if version is None else f"{base}/v{check_name(str(version), 'version')}"
-
-
-def _sha256_file(path: Path) -> tuple[int, str]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 def _now() -> str:
@@ -127,7 +116,7 @@ def _verify_object(store: ArtifactStore, key: str, size: int, sha256: str, scrat
         if exc.kind == "missing":
             return "missing after upload"
         raise
-    got_size, got_sha = _sha256_file(local)
+    got_size, got_sha = size_and_sha256(local)
     local.unlink()
     if got_size != size:
         return f"size {got_size} != {size}"
@@ -166,7 +155,7 @@ def publish_release(store: ArtifactStore, model: str, device: str, version: obje
         path = Path(path)
         if not path.is_file():
             raise ReleaseError(f"{where}: file {name!r} ({path}) does not exist")
-        size, sha = _sha256_file(path)
+        size, sha = size_and_sha256(path)
         entries.append({"name": name, "size": size, "sha256": sha})
 
     manifest_key = f"{prefix}/{MANIFEST}"
@@ -324,7 +313,7 @@ def fetch_release(store: ArtifactStore, model: str, device: str, dest: Path | st
                 if exc.kind == "missing":
                     raise ReleaseError(f"{where}: file {name!r} is missing from the store") from None
                 raise
-            size, sha = _sha256_file(local)
+            size, sha = size_and_sha256(local)
             if size != entry["size"]:
                 raise ReleaseError(f"{where}: file {name!r} has {size} bytes, manifest says {entry['size']}")
             if sha != entry["sha256"]:

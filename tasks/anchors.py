@@ -14,23 +14,20 @@ from pathlib import Path
 from prefect import task
 from safetensors.torch import load_file
 
-from methods import complexity
-from methods.base import Anchor, Candidate, DataBundle
-from methods.checkpoint import training_env
-from methods.export import export_onnx, load_weights, save_weights
-from methods.families import build
-from methods.train import cross_entropy_loss, evaluate, fit, pick_device
 from podium.config import AnchorConfig
-from registry.mlflow_registry import model_files
-from registry.store import open_store
-from tasks.common import TRANSIENT_RETRIES, DatasetRef, RunContext, load_data, training_env_for
+from podium.errors import AnchorError
+from podium.methods import complexity
+from podium.methods.base import Anchor, Candidate, DataBundle
+from podium.methods.checkpoint import training_env
+from podium.methods.export import export_onnx, load_weights, save_weights
+from podium.methods.families import build
+from podium.methods.train import cross_entropy_loss, evaluate, fit, pick_device
+from podium.registry.mlflow_registry import model_files
+from podium.registry.stores import open_store
+from podium.tasks.common import TRANSIENT_RETRIES, DatasetRef, RunContext, load_data, training_env_for
 
 log = logging.getLogger("podium.tasks.anchors")
 ALIAS = "current"
-
-
-class AnchorError(RuntimeError):
-    """An anchor could not be acquired (one line)."""
 
 
 def anchor_registered_name(model_name: str, anchor: str) -> str:
@@ -137,7 +134,8 @@ def anchor_candidate(anchor: Anchor, data: DataBundle) -> Candidate:
     cost = complexity.count(anchor.model, data.input_spec.size, data.input_spec.channels)
     return Candidate(name=f"anchor-{anchor.name}", method="anchor", config={"arch": anchor.arch, "source": anchor.source},
                      model=anchor.model, input_size=data.input_spec.size,
-                     metrics={"val_acc": evaluate(anchor.model, data.val), **cost.as_dict()})
+                     metrics={"val_acc": evaluate(anchor.model, data.val), **cost.as_dict()},
+                     in_chans=data.input_spec.channels)
 
 
 @task(name="acquire-anchors", **TRANSIENT_RETRIES)

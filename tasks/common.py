@@ -15,11 +15,12 @@ from mlflow.exceptions import MlflowException
 from prefect.tasks import exponential_backoff
 from torch import nn
 
-from methods.base import Candidate, DataBundle
-from methods.checkpoint import TrainingEnv, checkpoint_file_name
 from podium.config import PodiumConfig
-from registry.mlflow_registry import ModelRegistry, RegistryError
-from registry.store import ArtifactStore, StoreError, open_store
+from podium.errors import RegistryError, StoreError
+from podium.methods.base import Candidate, DataBundle
+from podium.methods.checkpoint import TrainingEnv, checkpoint_file_name
+from podium.registry.mlflow_registry import ModelRegistry
+from podium.registry.stores import ArtifactStore, open_store
 
 log = logging.getLogger("podium.tasks")
 

@@ -10,8 +10,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from podium import dvc_ops
+from podium.tasks.common import TRANSIENT_RETRIES, DatasetRef, RunContext
 from podium.validation import validate_dataset_cached
-from tasks.common import TRANSIENT_RETRIES, DatasetRef, RunContext
 
 log = logging.getLogger("podium.tasks.data")
 
@@ -50,9 +50,8 @@ def validate_data(ctx: RunContext, ref: DatasetRef) -> None:
         path = Path(tmp) / "validation.json"
         path.write_text(json.dumps(report.to_json(), indent=2, default=str))
         ctx.registry.log_artifact(ctx.run_id, path, "data")
-    ctx.registry.client.set_tag(ctx.run_id, "data_validation", "passed" if report.success else "failed")
-    if reused:
-        ctx.registry.client.set_tag(ctx.run_id, "data_validation_reused", "true")
+    ctx.registry.set_run_tags(ctx.run_id, {"data_validation": "passed" if report.success else "failed",
+                                           **({"data_validation_reused": "true"} if reused else {})})
     if not report.success:
         for line in report.summary().splitlines():
             log.error("validation failed: %s", line)

@@ -1,7 +1,7 @@
 """A method's training on ``runtime.processes`` data-parallel processes started by ``torchrun``.
 
 The task writes the job (context, dataset, anchors) to a temporary folder and runs
-``python -m torch.distributed.run -m tasks.distributed JOB OUT``; every process trains the method
+``python -m torch.distributed.run -m podium.tasks.distributed JOB OUT``; every process trains the method
 (see :mod:`methods.distributed`), the primary writes the trained space, and the task reads it back.
 Checkpoints work as in one process: the primary saves them, every process resumes from them.
 """
@@ -18,17 +18,15 @@ from pathlib import Path
 
 import cloudpickle
 
-from methods import distributed
-from methods.base import Anchor, CandidateSpace
-from methods.catalog import method_class
-from methods.checkpoint import training_env
-from tasks.common import DatasetRef, RunContext, load_data, training_env_for
+from podium.errors import DistributedTrainingError
+from podium.files import atomic_write_bytes
+from podium.methods import distributed
+from podium.methods.base import Anchor, CandidateSpace
+from podium.methods.catalog import get_method
+from podium.methods.checkpoint import training_env
+from podium.tasks.common import DatasetRef, RunContext, load_data, training_env_for
 
 log = logging.getLogger("podium.tasks.distributed")
-
-
-class DistributedTrainingError(RuntimeError):
-    """The torchrun job failed (one line, with the last line it printed)."""
 
 
 def _free_port() -> int:
@@ -44,11 +42,9 @@ def fit_distributed(ctx: RunContext, ref: DatasetRef, method: str, anchors: list
         job, out = Path(tmp) / "job.pkl", Path(tmp) / "space.pkl"
         job.write_bytes(cloudpickle.dumps((ctx, ref, method, anchors, teacher, training_key)))
         threads = max(1, (os.cpu_count() or 1) // processes)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PODIUM_DEVICE": ctx.cfg.runtime.device,
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                           os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PODIUM_DEVICE": ctx.cfg.runtime.device}
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                   "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "tasks.distributed",
+                   "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "podium.tasks.distributed",
                    str(job), str(out)]
         log.info("%s: training on %d data-parallel processes (torchrun)", method, processes)
         proc = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -69,11 +65,9 @@ def main(job: Path, out: Path) -> None:
     data = load_data(ctx, ref)
     env, _checkpoints = training_env_for(ctx, training_key)
     with training_env(dataclasses.replace(env, device=device)):
-        space = method_class(method)(ctx.cfg.method_config(method)).fit(data, anchors, teacher)
+        space = get_method(method).method(ctx.cfg.method_config(method)).fit(data, anchors, teacher)
     if distributed.is_primary():
-        tmp = out.with_suffix(".tmp")
-        tmp.write_bytes(cloudpickle.dumps(space))
-        tmp.replace(out)
+        atomic_write_bytes(out, cloudpickle.dumps(space))
     distributed.close()
 
 

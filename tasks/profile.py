@@ -18,41 +18,66 @@ import logging
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from methods.base import Candidate
-from methods.export import export_onnx, save_weights
-from methods.profiling import DeviceProfile, LatencyStats, measure
-from podium.data import sha256_file
-from tasks.common import RunContext, candidate_digest
+from podium.files import atomic_path, atomic_write_text, sha256_file
+from podium.methods.base import Candidate
+from podium.methods.export import export_onnx, save_weights
+from podium.methods.profiling import DeviceProfile, LatencyStats, measure
+from podium.methods.runtimes import get_runtime
+from podium.tasks.common import RunContext, candidate_digest
 
 log = logging.getLogger("podium.tasks.profile")
 _cache_lock = threading.Lock()
 
+EXPORT_FILES = ("model.onnx", "weights.safetensors")
+
 
 @dataclass(frozen=True)
 class ExportedModel:
+    """A candidate's deployment files, content-addressed by its digest."""
+
     digest: str
     onnx: Path
     weights: Path
     input_shape: tuple[int, int, int]
 
+    def artifact(self, runtime: str) -> Path | None:
+        """The file ``runtime`` runs from (None: it runs the module itself)."""
+        name = get_runtime(runtime).artifact_name
+        return None if name is None else {"model.onnx": self.onnx, "weights.safetensors": self.weights}[name]
 
-def export_candidate(ctx: RunContext, candidate: Candidate, channels: int) -> ExportedModel:
+
+@dataclass
+class MeasuredCandidate:
+    """One candidate as it travels from profiling to selection, release and report: the model, its
+    exported files, the devices it was offered to and its measured stats per device (a device that
+    could not measure it has no entry)."""
+
+    candidate: Candidate
+    export: ExportedModel
+    offered_to: tuple[str, ...]
+    stats: dict[str, LatencyStats] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.candidate.name
+
+
+def export_candidate(ctx: RunContext, candidate: Candidate) -> ExportedModel:
     digest = candidate_digest(candidate)
     folder = ctx.cache_path / "exports" / digest[:24]
     onnx_path, weights_path = folder / "model.onnx", folder / "weights.safetensors"
-    shape = (channels, *candidate.input_size)
-    if not (onnx_path.exists() and weights_path.exists()):
-        save_weights(candidate.model, folder / "weights.tmp")
-        export_onnx(candidate.model, shape, folder / "model.tmp")
-        (folder / "weights.tmp").replace(weights_path)
-        (folder / "model.tmp").replace(onnx_path)  # complete files only: a crash leaves no half export
-    return ExportedModel(digest, onnx_path, weights_path, shape)
+    if not (onnx_path.exists() and weights_path.exists()):  # complete files only: a crash leaves no half export
+        with atomic_path(weights_path) as tmp:
+            save_weights(candidate.model, tmp)
+        with atomic_path(onnx_path) as tmp:
+            export_onnx(candidate.model, candidate.input_shape, tmp)
+    return ExportedModel(digest, onnx_path, weights_path, candidate.input_shape)
 
 
 def _measurement_key(digest: str, device: DeviceProfile) -> str:
@@ -72,73 +97,71 @@ class LatencyCache:
     def put(self, key: str, stats: LatencyStats) -> None:
         with _cache_lock:
             self.entries[key] = stats.as_dict()
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.entries, indent=1))
-            tmp.replace(self.path)
+            atomic_write_text(self.path, json.dumps(self.entries, indent=1))
+
+
+def gather_offers(devices: list[DeviceProfile], offers: dict[str, list[Candidate]]
+                  ) -> list[tuple[Candidate, tuple[str, ...]]]:
+    """Each distinct candidate (by name; the first offer wins) with the devices it was offered to."""
+    by_name: dict[str, tuple[Candidate, list[str]]] = {}
+    for device in devices:
+        for cand in offers.get(device.name, []):
+            names = by_name.setdefault(cand.name, (cand, []))[1]
+            if device.name not in names:
+                names.append(device.name)
+    return [(cand, tuple(names)) for cand, names in by_name.values()]
 
 
 # cache_policy=NO_CACHE: never reused across runs, and Prefect's default policy would hash every input
 # (cloudpickling every model passed in: about 1 s per call) just to look for a cache entry.
 @task(name="profile-candidates", cache_policy=NO_CACHE)
-def profile_candidates(ctx: RunContext, candidates: dict[str, list[Candidate]], devices: list[DeviceProfile],
-                       channels: int, remote_timeout_s: float = 900.0,
-                       ) -> tuple[dict[str, dict[str, LatencyStats]], dict[str, ExportedModel]]:
-    """Measure each device's candidates on that device.
+def profile_candidates(ctx: RunContext, offers: dict[str, list[Candidate]], devices: list[DeviceProfile],
+                       remote_timeout_s: float = 900.0) -> list[MeasuredCandidate]:
+    """Export every offered candidate once and measure it on each device it was offered to.
 
     Local devices are measured here, one after another (measurements on this CPU must not overlap);
     devices with a ``work_pool`` afterwards, all at once, one remote run each (see `profile_remote`),
     waiting at most ``remote_timeout_s`` (config ``devices.remote_timeout_s``). An unreachable or
-    failing remote device is left out of ``stats`` (unprofiled).
-
-    Returns (stats[device][candidate], exports[candidate]).
+    failing remote device measures nothing (its candidates have no stats for it).
     """
     cache = LatencyCache(ctx.cache_path / "latency.json")
-    exports: dict[str, ExportedModel] = {}
-    stats: dict[str, dict[str, LatencyStats]] = {}
-    remote: list[DeviceProfile] = []
+    pool = [MeasuredCandidate(cand, export_candidate(ctx, cand), names) for cand, names in gather_offers(devices, offers)]
     for device in devices:
         if device.work_pool:
-            remote.append(device)
             continue
-        stats[device.name] = {}
-        for cand in candidates.get(device.name, []):
-            exported = exports.get(cand.name) or export_candidate(ctx, cand, channels)
-            exports[cand.name] = exported
-            key = _measurement_key(exported.digest, device)
+        offered = [m for m in pool if device.name in m.offered_to]
+        for member in offered:
+            key = _measurement_key(member.export.digest, device)
             measured = cache.get(key)
             if measured is None:
-                measured = measure(cand.model, exported.input_shape, device, onnx_path=exported.onnx)
+                measured = measure(member.candidate.model, member.export.input_shape, device,
+                                   artifact=member.export.artifact(device.runtime))
                 cache.put(key, measured)
-            stats[device.name][cand.name] = measured
-        log.info("profiled %d candidates on %s", len(stats[device.name]), device.name)
-    for device in remote:
-        for cand in candidates.get(device.name, []):
-            exports[cand.name] = exports.get(cand.name) or export_candidate(ctx, cand, channels)
-    stats.update(profile_remote_devices(ctx, remote, candidates, exports, cache, remote_timeout_s))
-    return stats, exports
+            member.stats[device.name] = measured
+        log.info("profiled %d candidates on %s", len(offered), device.name)
+    profile_remote_devices(ctx, [d for d in devices if d.work_pool], pool, cache, remote_timeout_s)
+    return pool
 
 
-def profile_remote_devices(ctx: RunContext, devices: list[DeviceProfile], candidates: dict[str, list[Candidate]],
-                           exports: dict[str, ExportedModel], cache: LatencyCache, timeout_s: float,
-                           ) -> dict[str, dict[str, LatencyStats]]:
+def profile_remote_devices(ctx: RunContext, devices: list[DeviceProfile], pool: list[MeasuredCandidate],
+                           cache: LatencyCache, timeout_s: float) -> None:
     """Every work-pool device at once: each measures on its own hardware, so the waits overlap
     (a silent device costs ``timeout_s`` once, not once per device). Threads run in a copy of this
     context: Prefect's settings (the API URL) and the parent task run live in context variables."""
     if not devices:
-        return {}
-    with ThreadPoolExecutor(max_workers=len(devices), thread_name_prefix="profile-remote") as pool:
-        futures = {device.name: pool.submit(contextvars.copy_context().run, profile_remote, ctx, device,
-                                            {c.name: exports[c.name] for c in candidates.get(device.name, [])},
-                                            cache, timeout_s)
+        return
+    with ThreadPoolExecutor(max_workers=len(devices), thread_name_prefix="profile-remote") as pool_runner:
+        futures = {device.name: pool_runner.submit(contextvars.copy_context().run, profile_remote, ctx, device,
+                                                   {m.name: m.export for m in pool if device.name in m.offered_to},
+                                                   cache, timeout_s)
                    for device in devices}
-    stats = {}
+    by_name = {m.name: m for m in pool}
     for device in devices:
         measured = futures[device.name].result()
         if measured is not None:
-            stats[device.name] = measured
+            for name, stats in measured.items():
+                by_name[name].stats[device.name] = stats
             log.info("profiled %d candidates on %s (work pool %s)", len(measured), device.name, device.work_pool)
-    return stats
 
 
 # ------------------------------------------------------------------------------ remote devices
@@ -189,7 +212,7 @@ def profile_remote(ctx: RunContext, device: DeviceProfile, exports: dict[str, Ex
     """
     from prefect.deployments import run_deployment
 
-    from registry.store import StoreError
+    from podium.errors import StoreError
 
     result: dict[str, LatencyStats] = {}
     missing: dict[str, ExportedModel] = {}

@@ -1,8 +1,8 @@
-"""Selection, promotion and publication of each device's winner.
+"""Selection of each device's winner, and its registration and promotion (:mod:`podium.registry.promotion`).
 
-Order matters for safety: the winner is registered as a new version (no alias), its release is
-published and verified in the store (``current.json`` last), and only then does the device alias
-move. A failure at any step leaves the alias and the store's current release as they were.
+The winner is registered as a new version (no alias); :func:`podium.registry.promotion.promote`
+then publishes and verifies its release and only then moves the device alias. A failure at any
+step leaves the alias and the store's current release as they were.
 """
 from __future__ import annotations
 
@@ -16,14 +16,16 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from methods.base import Candidate, DataBundle
-from methods.export import onnx_logits
-from methods.profiling import DeviceProfile, LatencyStats
-from methods.train import resize
-from registry.mlflow_registry import decide_promotion, model_files
-from registry.release import publish_release, read_current
-from tasks.common import TRANSIENT_RETRIES, DatasetRef, RunContext, load_data
-from tasks.profile import ExportedModel
+from podium.errors import first_line
+from podium.methods.base import DataBundle
+from podium.methods.profiling import DeviceProfile, LatencyStats
+from podium.methods.runtimes import get_runtime
+from podium.methods.train import resize
+from podium.registry import promotion
+from podium.registry.mlflow_registry import model_files
+from podium.tasks.common import TRANSIENT_RETRIES, DatasetRef, RunContext, load_data
+from podium.tasks.profile import MeasuredCandidate
+from podium.tasks.runs import promotion_lock
 
 log = logging.getLogger("podium.tasks.release")
 
@@ -39,15 +41,14 @@ class Outcome:
     reason: str = ""
 
 
-def select_winner(candidates: list[Candidate], stats: dict[str, LatencyStats],
-                  device: DeviceProfile) -> Candidate | None:
-    """The most accurate measured candidate within the latency and memory budgets (ties: faster)."""
-    eligible = [c for c in candidates if c.name in stats
-                and stats[c.name].p50_ms <= device.latency_budget_ms
-                and stats[c.name].peak_mem_mb <= device.memory_budget_mb]
+def select_winner(pool: list[MeasuredCandidate], device: DeviceProfile) -> MeasuredCandidate | None:
+    """The most accurate candidate measured on ``device`` within its latency and memory budgets (ties: faster)."""
+    eligible = [m for m in pool if device.name in m.stats
+                and m.stats[device.name].p50_ms <= device.latency_budget_ms
+                and m.stats[device.name].peak_mem_mb <= device.memory_budget_mb]
     if not eligible:
         return None
-    return max(eligible, key=lambda c: (c.metrics["val_acc"], -stats[c.name].p50_ms))
+    return max(eligible, key=lambda m: (m.candidate.metrics["val_acc"], -m.stats[device.name].p50_ms))
 
 
 def _champion_accuracy_on(ctx: RunContext, version, data: DataBundle) -> float | None:
@@ -58,88 +59,86 @@ def _champion_accuracy_on(ctx: RunContext, version, data: DataBundle) -> float |
             meta = json.loads(files["metadata.json"].read_text())
             size = tuple(meta["input_size"])
             correct = total = 0
-            for images, labels in data.val:
-                logits = onnx_logits(files["model.onnx"], resize(images, size).numpy())
-                correct += int((np.argmax(logits, axis=1) == labels.numpy()).sum())
-                total += labels.numel()
+            with get_runtime("onnxruntime").open(files["model.onnx"], threads=1) as session:
+                for images, labels in data.val:
+                    logits = session.predict(resize(images, size).numpy())
+                    correct += int((np.argmax(logits, axis=1) == labels.numpy()).sum())
+                    total += labels.numel()
         return correct / max(total, 1)
     except Exception as exc:  # an incompatible champion (other classes, channels) cannot be compared
         log.warning("champion v%s could not be re-evaluated: %s", version.version, str(exc).splitlines()[0][:200])
         return None
 
 
-def _metadata(ctx: RunContext, ref: DatasetRef, data: DataBundle, winner: Candidate, device: DeviceProfile,
-              stats: LatencyStats, exported: ExportedModel) -> dict:
-    spec = data.input_spec
+def _metadata(ctx: RunContext, ref: DatasetRef, data: DataBundle, winner: MeasuredCandidate,
+              device: DeviceProfile, stats: LatencyStats) -> dict:
+    spec, cand = data.input_spec, winner.candidate
     return {
-        "model": ctx.cfg.model_name, "device": device.name, "candidate": winner.name, "method": winner.method,
-        "config": winner.config, "input_size": list(winner.input_size),
-        "input_spec": {"channels": spec.channels, "height": winner.input_size[0], "width": winner.input_size[1],
+        "model": ctx.cfg.model_name, "device": device.name, "candidate": cand.name, "method": cand.method,
+        "config": cand.config, "input_size": list(cand.input_size),
+        "input_spec": {"channels": spec.channels, "height": cand.input_size[0], "width": cand.input_size[1],
                        "mean": list(spec.mean), "std": list(spec.std), "pixel_scale": "[0, 1] then (x - mean) / std",
                        "class_names": data.class_names},
-        "metrics": {**winner.metrics, "p50_ms": stats.p50_ms, "p90_ms": stats.p90_ms, "peak_mem_mb": stats.peak_mem_mb},
+        "metrics": {**cand.metrics, "p50_ms": stats.p50_ms, "p90_ms": stats.p90_ms, "peak_mem_mb": stats.peak_mem_mb},
         "latency": stats.as_dict(), "device_profile": device.model_dump(mode="json"),
-        "lineage": {"data_hash": ref.data_hash, "git_sha": ctx.git_sha, "run_id": ctx.run_id, "digest": exported.digest},
+        "lineage": {"data_hash": ref.data_hash, "git_sha": ctx.git_sha, "run_id": ctx.run_id,
+                    "digest": winner.export.digest},
     }
 
 
 # cache_policy=NO_CACHE: never reused across runs, and Prefect's default policy would hash every input
 # (cloudpickling every model passed in: about 1 s per call) just to look for a cache entry.
-@task(name="promote-and-publish", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
-def promote_and_publish(ctx: RunContext, ref: DatasetRef, device: DeviceProfile, winner: Candidate | None,
-                        stats: LatencyStats | None, exported: ExportedModel | None) -> Outcome:
-    if winner is None or stats is None or exported is None:
+@task(name="promote-and-publish", task_run_name="promote-{device.name}", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+def promote_and_publish(ctx: RunContext, ref: DatasetRef, device: DeviceProfile,
+                        winner: MeasuredCandidate | None) -> Outcome:
+    if winner is None:
         return Outcome(device.name, None, reason=f"no candidate within {device.latency_budget_ms} ms / "
                                                   f"{device.memory_budget_mb} MB")
-    registry, name = ctx.registry, ctx.cfg.model_name
-    store = ctx.open_store()
+    registry, name, store = ctx.registry, ctx.cfg.model_name, ctx.open_store()
+    cand, stats, exported = winner.candidate, winner.stats[device.name], winner.export
     champion = registry.version_by_alias(name, device.name)
     if champion is not None and champion.tags.get("digest") == exported.digest:
-        current = read_current(store, name, device.name)
-        if current is None or str(current.get("version")) != str(champion.version):
-            _publish(ctx, store, champion.version, device)
-        return Outcome(device.name, winner.name, champion.version, False, "unchanged: the winner is the champion")
+        promotion.keep_champion(registry, store, name, device.name, champion)
+        return Outcome(device.name, cand.name, champion.version, False, "unchanged: the winner is the champion")
     data = load_data(ctx, ref)
     champion_acc = None
     if champion is not None and champion.tags.get("data_hash") != ref.data_hash:
         champion_acc = _champion_accuracy_on(ctx, champion, data)
-    decision = decide_promotion(winner.metrics["val_acc"], champion, ref.data_hash, champion_acc)
+    decision = promotion.decide_promotion(cand.metrics["val_acc"], champion, ref.data_hash, champion_acc)
 
-    metadata = _metadata(ctx, ref, data, winner, device, stats, exported)
-    with tempfile.TemporaryDirectory() as tmp:
-        meta_path = Path(tmp) / "metadata.json"
-        meta_path.write_text(json.dumps(metadata, indent=2, default=str))
-        uri = registry.log_model(ctx.run_id, f"winner-{device.name}", exported.onnx, exported.weights, metadata,
-                                 np.zeros((2, *exported.input_shape), dtype=np.float32))
-    tags = {"device": device.name, "method": winner.method, "candidate": winner.name,
-            "config": json.dumps(winner.config, default=str)[:5000], "val_acc": f"{winner.metrics['val_acc']:.6f}",
-            "p50_ms": f"{stats.p50_ms:.4f}", "flops": winner.metrics.get("flops"), "params": winner.metrics.get("params"),
-            "acts": winner.metrics.get("acts"), "data_hash": ref.data_hash, "git_sha": ctx.git_sha,
-            "run_id": ctx.run_id, "digest": exported.digest, "input_size": json.dumps(list(winner.input_size)),
+    uri = registry.log_model(ctx.run_id, f"winner-{device.name}", exported.onnx, exported.weights,
+                             _metadata(ctx, ref, data, winner, device, stats),
+                             np.zeros((2, *exported.input_shape), dtype=np.float32))
+    tags = {"device": device.name, "method": cand.method, "candidate": cand.name,
+            "config": json.dumps(cand.config, default=str)[:5000], "val_acc": f"{cand.metrics['val_acc']:.6f}",
+            "p50_ms": f"{stats.p50_ms:.4f}", "flops": cand.metrics.get("flops"), "params": cand.metrics.get("params"),
+            "acts": cand.metrics.get("acts"), "data_hash": ref.data_hash, "git_sha": ctx.git_sha,
+            "run_id": ctx.run_id, "digest": exported.digest, "input_size": json.dumps(list(cand.input_size)),
             "promotion": "pending", "promotion_reason": decision.reason}
     version = registry.register(name, uri, ctx.run_id, tags)
     if not decision.promote:
         registry.set_version_tags(name, version.version, {"promotion": "kept-champion"})
         log.info("%s: %s", device.name, decision.reason)
-        return Outcome(device.name, winner.name, version.version, False, decision.reason)
-    try:
-        _publish(ctx, store, version.version, device)
-    except Exception as exc:
-        registry.set_version_tags(name, version.version, {"promotion": "publish-failed",
-                                                          "promotion_reason": str(exc).splitlines()[0][:500]})
-        raise
-    registry.set_version_tags(name, version.version, {
-        "promotion": "promoted", "previous_version": champion.version if champion else ""})
-    registry.set_alias(name, device.name, version.version)
-    log.info("%s: v%s promoted (%s)", device.name, version.version, decision.reason)
-    return Outcome(device.name, winner.name, version.version, True, decision.reason)
+        return Outcome(device.name, cand.name, version.version, False, decision.reason)
+    promotion.promote(registry, store, name, device.name, version.version, champion, decision.reason)
+    return Outcome(device.name, cand.name, version.version, True, decision.reason)
 
 
-def _publish(ctx: RunContext, store, version: str, device: DeviceProfile) -> dict:
-    """Publish a registered version's files as the device's current release."""
-    with tempfile.TemporaryDirectory() as tmp:
-        files = model_files(ctx.registry.download_version(ctx.cfg.model_name, version, Path(tmp)))
-        metadata = json.loads(files["metadata.json"].read_text())
-        metadata["registry"] = {"name": ctx.cfg.model_name, "version": str(version),
-                                "tracking_uri_scheme": ctx.cfg.tracking.uri.split(":", 1)[0]}
-        return publish_release(store, ctx.cfg.model_name, device.name, version, files, metadata)
+def promote_winners(ctx: RunContext, ref: DatasetRef, pool: list[MeasuredCandidate], devices: list[DeviceProfile]
+                    ) -> tuple[list[Outcome], dict[str, MeasuredCandidate], list[str]]:
+    """Each device's winner promoted (or not) under the promotion lock, so no two runs promote at once.
+
+    A device whose promotion fails keeps its release; the others go on. Returns (outcomes, winners
+    by device, one line per failed device)."""
+    outcomes, winners, failed = [], {}, []
+    with promotion_lock(ctx.cache_path, ctx.cfg.model_name):
+        for device in devices:
+            winner = select_winner(pool, device)
+            if winner is not None:
+                winners[device.name] = winner
+            outcome = promote_and_publish(ctx, ref, device, winner, return_state=True).result(raise_on_failure=False)
+            if isinstance(outcome, BaseException):
+                failed.append(f"device {device.name}: {first_line(outcome)}")
+                outcome = Outcome(device.name, winner.name if winner else None, reason=f"failed: {first_line(outcome)}")
+            outcomes.append(outcome)
+    return outcomes, winners, failed

@@ -1,4 +1,5 @@
-"""The run report: per-device tables and Pareto plots, and a summary of winners across devices.
+"""The run report: per-device tables and Pareto plots, each method's own tables and plots, and a
+summary of winners across devices. Every plot is drawn here (:mod:`podium.tasks.plots`).
 
 Plots are drawn once per content: a PNG is kept under ``<cache>/plots/<key>.png``, keyed on exactly
 what is drawn (the rows or records, the device, the plotting code and matplotlib's version), so a
@@ -9,27 +10,30 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from methods.base import Candidate
-from methods.pareto import pareto_front
-from methods.profiling import DeviceProfile, LatencyStats
-from tasks.common import TRANSIENT_RETRIES, RunContext
-from tasks.release import Outcome
+from podium.files import atomic_copy
+from podium.methods.base import CandidateSpace
+from podium.methods.profiling import DeviceProfile
+from podium.methods.scaling import runtime_correlation
+from podium.tasks import plots
+from podium.tasks.common import TRANSIENT_RETRIES, RunContext
+from podium.tasks.plots import plot_device, plot_pareto, plot_runtime_correlation
+from podium.tasks.profile import MeasuredCandidate
+from podium.tasks.release import Outcome
 
 
-def device_rows(candidates: list[Candidate], stats: dict[str, LatencyStats], device: DeviceProfile,
-                outcome: Outcome | None) -> list[dict]:
+def device_rows(pool: list[MeasuredCandidate], device: DeviceProfile, outcome: Outcome | None) -> list[dict]:
     rows = []
-    for cand in candidates:
-        s = stats.get(cand.name)
+    for member in pool:
+        if device.name not in member.offered_to:
+            continue
+        cand, s = member.candidate, member.stats.get(device.name)
         rows.append({
             "candidate": cand.name, "method": cand.method, "val_acc": cand.metrics["val_acc"],
             "flops": cand.metrics.get("flops"), "p50_ms": s.p50_ms if s else None,
@@ -56,36 +60,6 @@ def format_table(device: DeviceProfile, rows: list[dict], outcome: Outcome | Non
     return "\n".join(lines)
 
 
-def plot_device(device: DeviceProfile, rows: list[dict], path: Path) -> Path:
-    import matplotlib  # only when a plot is drawn (not cached): about 0.5 s to import
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    measured = [r for r in rows if r["p50_ms"] is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, method in enumerate(sorted({r["method"] for r in measured})):
-        pts = [r for r in measured if r["method"] == method]
-        ax.scatter([r["p50_ms"] for r in pts], [r["val_acc"] for r in pts], label=method, color=f"C{i}", s=24)
-    front = pareto_front(measured, cost=lambda r: r["p50_ms"], value=lambda r: r["val_acc"])
-    if front:
-        ax.plot([r["p50_ms"] for r in front], [r["val_acc"] for r in front], color="grey", lw=1, ls=":",
-                label="Pareto front")
-    ax.axvline(device.latency_budget_ms, color="red", ls="--", lw=1, label=f"budget {device.latency_budget_ms} ms")
-    for r in measured:
-        if r["winner"]:
-            ax.scatter([r["p50_ms"]], [r["val_acc"]], marker="*", s=260, facecolors="none", edgecolors="black",
-                       label=f"winner: {r['candidate']}")
-    ax.set_xlabel(f"measured p50 latency (ms), {device.runtime}, {device.threads} thread(s)")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title(f"{device.name}: accuracy vs latency")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def cached_plot(cache_dir: Path, what: dict[str, Any], code: tuple[Any, ...], path: Path,
                 draw: Callable[[Path], Path]) -> Path:
     """``draw(path)``, or a copy of the PNG an earlier call drew from the same ``what`` and ``code``.
@@ -94,7 +68,7 @@ def cached_plot(cache_dir: Path, what: dict[str, Any], code: tuple[Any, ...], pa
     """
     from importlib.metadata import version
 
-    from tasks.common import source_digest
+    from podium.tasks.common import source_digest
 
     doc = {"what": what, "code": source_digest(*code), "matplotlib": version("matplotlib")}
     key = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -103,10 +77,7 @@ def cached_plot(cache_dir: Path, what: dict[str, Any], code: tuple[Any, ...], pa
         shutil.copyfile(cached, path)
         return path
     draw(path)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}.tmp")
-    shutil.copyfile(path, tmp)
-    tmp.replace(cached)
+    atomic_copy(path, cached)
     return path
 
 
@@ -114,8 +85,7 @@ def _device_plot(ctx: RunContext, device: DeviceProfile, rows: list[dict], path:
     # Every row field but the alias (not drawn; it names the version a re-run does not move).
     drawn = [{k: v for k, v in r.items() if k != "alias"} for r in rows]
     what = {"device": device.model_dump(mode="json"), "rows": drawn}
-    return cached_plot(ctx.cache_path, what, (sys.modules[__name__], pareto_front), path,
-                       lambda p: plot_device(device, rows, p))
+    return cached_plot(ctx.cache_path, what, (plots,), path, lambda p: plot_device(device, rows, p))
 
 
 def winners_markdown(outcomes: list[Outcome], tables: dict[str, list[dict]]) -> str:
@@ -131,13 +101,12 @@ def winners_markdown(outcomes: list[Outcome], tables: dict[str, list[dict]]) -> 
     return "\n".join(lines)
 
 
-def _log_runtime_correlation(ctx: RunContext, device: DeviceProfile, candidates: list[Candidate],
-                             stats: dict[str, LatencyStats], folder: Path) -> None:
+def _log_runtime_correlation(ctx: RunContext, device: DeviceProfile, pool: list[MeasuredCandidate],
+                             folder: Path) -> None:
     """The scaling paper's analysis on this device: measured latency vs flops, params and acts."""
-    from methods.scaling import plot_runtime_correlation, runtime_correlation
-
-    records = [{"name": c.name, "p50_ms": stats[c.name].p50_ms, **{k: c.metrics[k] for k in ("flops", "params", "acts")}}
-               for c in candidates if c.method == "scaling" and c.name in stats]
+    records = [{"name": m.name, "p50_ms": m.stats[device.name].p50_ms,
+                **{k: m.candidate.metrics[k] for k in ("flops", "params", "acts")}}
+               for m in pool if m.candidate.method == "scaling" and device.name in m.stats]
     if len(records) < 3:
         return
     corr = runtime_correlation(records)
@@ -145,33 +114,45 @@ def _log_runtime_correlation(ctx: RunContext, device: DeviceProfile, candidates:
                              prefix=f"scaling.{device.name}.")
     ctx.registry.log_dict(ctx.run_id, {"correlation": corr, "records": records},
                           f"report/scaling_runtime_{device.name}.json")
-    plot = cached_plot(ctx.cache_path, {"device": device.name, "records": records}, (plot_runtime_correlation,),
+    plot = cached_plot(ctx.cache_path, {"device": device.name, "records": records}, (plots,),
                        folder / f"scaling_runtime_{device.name}.png",
                        lambda p: plot_runtime_correlation(records, p, device.name))
     ctx.registry.log_artifact(ctx.run_id, plot, "report")
 
 
+def _log_method_tables(ctx: RunContext, spaces: dict[str, CandidateSpace], folder: Path) -> None:
+    """Each space's own tables as JSON under ``methods/<name>/``; tables of accuracy against flops
+    (e.g. every SN-Net stitch) also as a front plot."""
+    for method, space in spaces.items():
+        for table, rows in space.tables().items():
+            ctx.registry.log_dict(ctx.run_id, rows, f"methods/{method}/{table}.json")
+            if rows and all("flops" in r and "val_acc" in r for r in rows):
+                plot = cached_plot(ctx.cache_path, {"table": table, "rows": rows}, (plots,), folder / f"{table}.png",
+                                   lambda p, rows=rows, table=table: plot_pareto(rows, p, title=f"{method}: {table}"))
+                ctx.registry.log_artifact(ctx.run_id, plot, f"methods/{method}")
+
+
 # cache_policy=NO_CACHE: never reused across runs, and Prefect's default policy would hash every input
 # (cloudpickling every model passed in: about 1 s per call) just to look for a cache entry.
 @task(name="run-report", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
-def write_report(ctx: RunContext, devices: list[DeviceProfile], candidates: dict[str, list[Candidate]],
-                 stats: dict[str, dict[str, LatencyStats]], outcomes: list[Outcome]) -> str:
-    """Log per-device tables and plots plus the winners' summary to MLflow; return the text report."""
+def write_report(ctx: RunContext, devices: list[DeviceProfile], pool: list[MeasuredCandidate],
+                 outcomes: list[Outcome], spaces: dict[str, CandidateSpace] | None = None) -> str:
+    """Log per-device tables and plots, the methods' tables and the winners' summary to MLflow;
+    return the text report."""
     by_device = {o.device: o for o in outcomes}
     tables: dict[str, list[dict]] = {}
     texts = []
     with tempfile.TemporaryDirectory() as tmp:
         for device in devices:
-            rows = device_rows(candidates.get(device.name, []), stats.get(device.name, {}), device,
-                               by_device.get(device.name))
+            rows = device_rows(pool, device, by_device.get(device.name))
             tables[device.name] = rows
             texts.append(format_table(device, rows, by_device.get(device.name)))
-            if device.name in stats:
+            if any(device.name in m.stats for m in pool):
                 plot = _device_plot(ctx, device, rows, Path(tmp) / f"{device.name}.png")
                 ctx.registry.log_artifact(ctx.run_id, plot, "report")
             ctx.registry.log_dict(ctx.run_id, rows, f"report/{device.name}.json")
-            _log_runtime_correlation(ctx, device, candidates.get(device.name, []), stats.get(device.name, {}),
-                                     Path(tmp))
+            _log_runtime_correlation(ctx, device, pool, Path(tmp))
+        _log_method_tables(ctx, spaces or {}, Path(tmp))
         summary = winners_markdown(outcomes, tables)
         ctx.registry.log_text(ctx.run_id, summary + "\n", "report/winners.md")
     return "\n\n".join(texts) + "\n\n" + summary

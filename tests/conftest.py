@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from methods.base import DataBundle
+from podium.methods.base import DataBundle
 
 torch.set_num_threads(2)
 
@@ -28,6 +28,14 @@ def digits_bundle(image_size: tuple[int, int] = (32, 32), batch_size: int = 64, 
     splits = {name: (images[idx], digits.target[idx]) for name, idx in parts.items()}
     return DataBundle.from_arrays(splits, [str(c) for c in range(10)], image_size, batch_size,
                                   data_hash="sklearn-digits", seed=seed)
+
+
+def onnx_logits(path, images: np.ndarray) -> np.ndarray:
+    """Logits of an exported ONNX file on a batch, through the runtime every measurement uses."""
+    from podium.methods.runtimes import get_runtime
+
+    with get_runtime("onnxruntime").open(path, threads=1) as session:
+        return session.predict(images)
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from methods import distributed
-from methods.train import TrainConfig, cross_entropy_loss, fit
+from podium.methods import distributed
+from podium.methods.train import TrainConfig, cross_entropy_loss, fit
 from tests.conftest import digits_bundle
 
 CFG = TrainConfig(epochs=2, lr=0.05, optimizer="sgd", seed=3)

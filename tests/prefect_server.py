@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from infra.stack import QUIET_ENV, prefect_service, start_service, stop_pid, stop_service
+from podium.infra.stack import QUIET_ENV, prefect_service, start_service, stop_pid, stop_service
 from tests.s3_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,11 +5,11 @@ import boto3
 import pytest
 import torch
 
-from methods.export import save_weights
-from methods.families import build
 from podium.config import AnchorConfig, parse_config
-from tasks.anchors import AnchorError, _from_checkpoint
-from tasks.common import RunContext
+from podium.methods.export import save_weights
+from podium.methods.families import build
+from podium.tasks.anchors import AnchorError, _from_checkpoint
+from podium.tasks.common import RunContext
 
 TINY = {"family": "resnet", "layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}
 
@@ -29,13 +29,19 @@ def test_local_checkpoint_loads_the_same_weights(tmp_path, digits):
         assert torch.equal(anchor.model.state_dict()[key], value), key
 
 
-def test_s3_checkpoint(tmp_path, digits, s3):
-    save_weights(build(TINY, 10, 1), tmp_path / "w.safetensors")
+def test_s3_checkpoint_loads_the_same_weights(tmp_path, digits, s3):
+    source = build(TINY, 10, 1).eval()
+    save_weights(source, tmp_path / "w.safetensors")
     client = boto3.client("s3", endpoint_url=s3)
     client.create_bucket(Bucket="ckpts")
     client.upload_file(str(tmp_path / "w.safetensors"), "ckpts", "anchors/tiny.safetensors")
     acfg = AnchorConfig(name="tiny", arch=TINY, checkpoint="s3://ckpts/anchors/tiny.safetensors")
-    assert _from_checkpoint(context(tmp_path, endpoint=s3), acfg, digits).model is not None
+    anchor = _from_checkpoint(context(tmp_path, endpoint=s3), acfg, digits)
+    assert anchor.source == "checkpoint:s3://ckpts/anchors/tiny.safetensors"
+    loaded = anchor.model.state_dict()
+    assert loaded.keys() == source.state_dict().keys()
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded[key], value), key
 
 
 def test_missing_or_mismatched_checkpoint_is_one_line(tmp_path, digits):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from methods.base import DataBundle
-from methods.checkpoint import DirectoryCheckpoints, TrainingEnv, training_env
-from methods.train import TrainConfig, fit, pick_device
+from podium.methods.base import DataBundle
+from podium.methods.checkpoint import DirectoryCheckpoints, TrainingEnv, training_env
+from podium.methods.train import TrainConfig, fit, pick_device
 from tests.conftest import digits_bundle
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from methods.complexity import count
+from podium.methods.complexity import count
 
 
 def test_conv3x3_counts_by_hand():

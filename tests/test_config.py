@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.devices import DeviceError, load_inventory, select_devices
 from podium.config import ConfigError, load_config
+from podium.devices import DeviceError, load_inventory, select_devices
+from podium.methods.base import AnchorSpec, DataShape
+from podium.methods.catalog import get_method, method_names
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -23,8 +25,27 @@ def write(tmp_path: Path, mutate) -> Path:
 def test_demo_config_parses_with_every_method():
     cfg = load_config(DEMO)
     assert set(cfg.methods) == {"stitching", "scaling", "self_distill", "shrinking"}
-    for name in cfg.methods:
-        assert cfg.method_config(name) is not None
+    for name in cfg.methods:  # each section parses into its method's own config model, with its defaults
+        entry = get_method(name)
+        method_cfg = cfg.method_config(name)
+        assert type(method_cfg) is entry.config
+        assert method_cfg == entry.config.model_validate(cfg.methods[name])
+    assert cfg.method_config("scaling").strategy == "dWr"  # the paper's fast scaling by default
+
+
+def test_every_registered_method_is_known_to_the_config_and_describes_its_space():
+    """The catalogue is filled by importing the package; the config accepts exactly its names."""
+    assert set(method_names()) == {"stitching", "scaling", "self_distill", "shrinking"}
+    shape = DataShape(num_classes=10, channels=1, image_size=(32, 32))
+    anchors = [AnchorSpec("tiny", {"family": "resnet", "layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128]}),
+               AnchorSpec("small", {"family": "resnet", "layers": [2, 2, 2, 2], "channels": [32, 64, 128, 256]})]
+    for name in method_names():
+        entry = get_method(name)
+        rows = entry.describe(entry.config(), shape, anchors)
+        assert rows and all(isinstance(r, dict) for r in rows), name
+        assert len(entry.source_digest()) == 16 and entry.source_files, name
+    with pytest.raises(KeyError, match="unknown method 'pruning'"):
+        get_method("pruning")
 
 
 @pytest.mark.parametrize("mutate, expected", [

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from methods.export import onnx_logits
-from registry.release import fetch_release
-from registry.store import open_store
+from podium.registry.release import fetch_release
+from podium.registry.stores import open_store
+from tests.conftest import onnx_logits
 from tests.flow_helpers import BUCKET, REPO, write_config
 
 pytestmark = pytest.mark.integration

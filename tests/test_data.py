@@ -14,8 +14,17 @@ import pytest
 from PIL import Image
 
 from podium import dvc_ops
-from podium.data import (MANIFEST_COLUMNS, DataError, clear_cache, digits_pixels, export_digits, import_imagefolder,
-                         load_bundle, read_manifest, stratified_split)
+from podium.data import (
+    MANIFEST_COLUMNS,
+    DataError,
+    clear_cache,
+    digits_pixels,
+    export_digits,
+    import_imagefolder,
+    load_bundle,
+    read_manifest,
+    stratified_split,
+)
 from podium.validation import validate_dataset
 from tests.data_corpus import make_flat_imagefolder, make_presplit_imagefolder
 

@@ -41,10 +41,10 @@ def test_a_method_trains_on_two_processes_from_its_task(tmp_path: Path) -> None:
     """``runtime.processes: 2``: the task runs the method under torchrun and gets its trained space back."""
     import yaml
 
-    from methods.profiling import DeviceProfile
     from podium.config import parse_config
-    from tasks.common import DatasetRef, RunContext
-    from tasks.distributed import fit_distributed
+    from podium.methods.profiling import DeviceProfile
+    from podium.tasks.common import DatasetRef, RunContext
+    from podium.tasks.distributed import fit_distributed
 
     raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     raw.update({"store": {"uri": str(tmp_path / "store")}, "runtime": {"processes": 2, "device": "cpu"},

@@ -23,12 +23,19 @@ from prefect import flow, task
 from typer.testing import CliRunner
 
 from podium.cli import app
-from registry.mlflow_registry import ModelRegistry, RegistryError
-from registry.release import read_current
-from registry.store import S3Store, StoreError, open_store
-from tasks.common import TRANSIENT_RETRIES, is_transient
-from tests.data_corpus import (different_size, duplicate_across_splits, empty_split, rgb_among_gray, truncate_png,
-                               unknown_label, zero_byte_file)
+from podium.registry.mlflow_registry import ModelRegistry, RegistryError
+from podium.registry.release import read_current
+from podium.registry.stores import S3Store, StoreError, open_store
+from podium.tasks.common import TRANSIENT_RETRIES, is_transient
+from tests.data_corpus import (
+    different_size,
+    duplicate_across_splits,
+    empty_split,
+    rgb_among_gray,
+    truncate_png,
+    unknown_label,
+    zero_byte_file,
+)
 from tests.flow_helpers import BUCKET, REPO, STEPS, write_config
 from tests.s3_server import free_port
 
@@ -47,7 +54,7 @@ def registry_state(services: dict) -> tuple[dict, dict]:
 @pytest.fixture(scope="module")
 def promoted(prefect_harness, services) -> tuple[dict, tuple[dict, dict]]:
     """A good run (anchors only, no methods: quick) that promoted and published every device."""
-    from flows.retrain import run_retrain
+    from podium.flows.retrain import run_retrain
 
     config = write_config(services, services["root"] / "good.yaml", methods={})
     run_retrain(str(config), str(REPO))

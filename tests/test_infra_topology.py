@@ -5,8 +5,8 @@ from pathlib import Path
 
 import yaml
 
-from infra.devices import load_inventory, select_devices
 from podium.config import load_config
+from podium.devices import load_inventory, select_devices
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,11 +1,14 @@
 """The profiler measures (never estimates), honours the profile, and agrees across runtimes."""
 from __future__ import annotations
 
+import pytest
 import torch
+from pydantic import ValidationError
 
-from methods.export import export_onnx, onnx_logits
-from methods.families import build
-from methods.profiling import DeviceProfile, measure
+from podium.methods.export import export_onnx
+from podium.methods.families import build
+from podium.methods.profiling import DeviceProfile, measure
+from podium.methods.runtimes import RUNTIMES, get_runtime
 
 TINY = {"family": "resnet", "layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}
 
@@ -16,7 +19,7 @@ def test_torch_and_onnx_measurements_are_complete(tmp_path):
     for runtime in ("torch", "onnxruntime"):
         profile = DeviceProfile(name="t", runtime=runtime, threads=1, batch_size=2, latency_budget_ms=100,
                                 warmup=1, min_repeats=5, max_repeats=10, max_seconds=5)
-        stats = measure(model, (1, 32, 32), profile, onnx_path=onnx_path)
+        stats = measure(model, (1, 32, 32), profile, artifact=onnx_path if runtime == "onnxruntime" else None)
         assert stats.runtime == runtime and stats.batch_size == 2 and stats.threads == 1
         assert 5 <= stats.runs <= 10
         assert 0 < stats.p50_ms <= stats.p90_ms and stats.iqr_ms >= 0 and stats.peak_mem_mb >= 0
@@ -29,25 +32,47 @@ def test_profile_threads_are_restored():
     assert torch.get_num_threads() == before
 
 
-def test_onnx_export_matches_pytorch(tmp_path):
+def test_every_runtime_runs_its_own_artifact_like_pytorch(tmp_path):
+    """Each registered runtime exports the module to its artifact and computes the same logits (FP32)."""
     model = build(TINY, 10, 1).eval()
     x = torch.randn(3, 1, 32, 32)
-    path = export_onnx(model, (1, 32, 32), tmp_path / "m.onnx")
-    assert torch.allclose(torch.from_numpy(onnx_logits(path, x.numpy())), model(x), atol=1e-4)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert {"torch", "onnxruntime"} <= set(RUNTIMES)
+    for name, runtime in RUNTIMES.items():
+        artifact = runtime.export(model, (1, 32, 32), tmp_path / name)
+        with runtime.open(artifact, threads=1) as session:
+            got = session.predict(x.numpy())
+        assert abs(got - expected).max() < 1e-4, name
+
+
+def test_a_measurement_exports_when_no_artifact_is_given():
+    """Without an artifact the profiler exports to a temporary folder: ONNX Runtime measures the graph."""
+    profile = DeviceProfile(name="t", runtime="onnxruntime", threads=1, latency_budget_ms=100, warmup=0,
+                            min_repeats=3, max_repeats=3)
+    assert measure(build(TINY, 10, 1).eval(), (1, 16, 16), profile).runtime == "onnxruntime"
+    with pytest.raises(TypeError, match="export the module first"):
+        get_runtime("onnxruntime").open(build(TINY, 10, 1), threads=1)
+
+
+def test_an_unknown_runtime_is_a_one_line_config_error():
+    with pytest.raises(ValidationError, match="unknown runtime 'tensorrt-9'; known runtimes: torch, onnxruntime"):
+        DeviceProfile(name="t", runtime="tensorrt-9", latency_budget_ms=1)
 
 
 def test_candidate_identity_is_the_model_not_its_provenance(tmp_path, monkeypatch):
     """An anchor trained in one run is loaded from the registry in the next: its ``source`` changes,
     its export and measurements must not be redone. Weights, architecture and input size still count."""
-    import tasks.profile as profile_task
-    from methods.base import Candidate
+    import podium.tasks.profile as profile_task
     from podium.config import AnchorConfig, PodiumConfig, RuntimeConfig, StoreConfig
-    from tasks.common import RunContext, candidate_digest
+    from podium.methods.base import Candidate
+    from podium.tasks.common import RunContext, candidate_digest
 
     model = build(TINY, 10, 1).eval()
 
     def anchor(source, arch=TINY, size=(16, 16), net=model):
-        return Candidate("anchor-a", "anchor", {"arch": arch, "source": source}, net, size, {"val_acc": 0.5})
+        return Candidate("anchor-a", "anchor", {"arch": arch, "source": source}, net, size, {"val_acc": 0.5},
+                         in_chans=1)
 
     trained, loaded = anchor("trained"), anchor("registry:models:/m-anchor-a@current (v1)")
     assert candidate_digest(trained) == candidate_digest(loaded)
@@ -65,6 +90,6 @@ def test_candidate_identity_is_the_model_not_its_provenance(tmp_path, monkeypatc
     device = DeviceProfile(name="t", runtime="onnxruntime", threads=1, latency_budget_ms=100, warmup=0,
                            min_repeats=3, max_repeats=3)
     for cand in (trained, loaded):
-        stats, exported = profile_task.profile_candidates.fn(ctx, {"t": [cand]}, [device], 1)
-        assert stats["t"]["anchor-a"].runs == 3
+        (member,) = profile_task.profile_candidates.fn(ctx, {"t": [cand]}, [device])
+        assert member.stats["t"].runs == 3
     assert len(exports) == 1 and len(measures) == 1

@@ -14,11 +14,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.retrain import retrain, run_retrain
-from tasks.runs import promotion_lock
-from registry.mlflow_registry import ModelRegistry
-from registry.release import read_current
-from registry.store import open_store
+from podium.flows.retrain import retrain, run_retrain
+from podium.registry.mlflow_registry import ModelRegistry
+from podium.registry.release import read_current
+from podium.registry.stores import open_store
+from podium.tasks.runs import promotion_lock
 from tests.flow_helpers import BUCKET, REPO, write_config
 
 pytestmark = pytest.mark.integration

@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from methods.export import export_onnx, save_weights
-from methods.families import build
-from registry.mlflow_registry import ModelRegistry, decide_promotion, model_files
+from podium.methods.export import export_onnx, save_weights
+from podium.methods.families import build
+from podium.registry.mlflow_registry import ModelRegistry, model_files
+from podium.registry.promotion import decide_promotion
 
 TINY = {"family": "resnet", "layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}
 
@@ -47,7 +48,7 @@ def test_champion_challenger_rule(registry, tmp_path):
 
 
 def test_unusable_tracking_uri_is_one_line():
-    from registry.mlflow_registry import RegistryError
+    from podium.registry.mlflow_registry import RegistryError
 
     with pytest.raises(RegistryError, match="unusable|failed") as err:
         ModelRegistry("nosuchscheme://x")

@@ -11,9 +11,15 @@ from pathlib import Path
 import boto3
 import pytest
 
-from registry.release import (ReleaseError, fetch_release, list_versions, publish_release, read_current,
-                              set_current)
-from registry.store import ArtifactStore, LocalStore, S3Store, StoreError
+from podium.registry.release import (
+    ReleaseError,
+    fetch_release,
+    list_versions,
+    publish_release,
+    read_current,
+    set_current,
+)
+from podium.registry.stores import ArtifactStore, LocalStore, S3Store, StoreError
 
 MODEL, DEVICE = "digits-classifier", "cpu-1t"
 
@@ -295,7 +301,7 @@ def test_metadata_cannot_contradict_the_manifest(tmp_path: Path) -> None:
 
 def test_replace_previous_fetch_without_atomic_exchange(tmp_path: Path, monkeypatch) -> None:
     """Where renameat2(RENAME_EXCHANGE) is unavailable, the two-rename fallback still installs whole releases."""
-    import registry.release as release
+    import podium.registry.release as release
 
     store = LocalStore(tmp_path / "store")
     publish_release(store, MODEL, DEVICE, 1, make_files(tmp_path / "v1", "v1"), META)

@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-from methods.base import Candidate
-from methods.export import export_onnx
-from methods.profiling import DeviceProfile
 from podium.config import AnchorConfig, PodiumConfig, RuntimeConfig, StoreConfig
-from registry.store import open_store
-from tasks.common import RunContext
-from tasks.profile import LatencyCache, profile_candidates
+from podium.methods.base import Candidate
+from podium.methods.export import export_onnx
+from podium.methods.profiling import DeviceProfile
+from podium.registry.stores import open_store
+from podium.tasks.common import RunContext
+from podium.tasks.profile import LatencyCache, profile_candidates
 from tests.prefect_server import REPO, create_pool, tail
 
 pytestmark = pytest.mark.integration
@@ -33,7 +33,7 @@ def prefect_api(prefect_server: dict, start_worker, tmp_path_factory: pytest.Tem
     """The profile deployment on two pools of the real Prefect server, and a worker on one of them."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.device_profile import deploy_profiler
+    from podium.flows.device_profile import deploy_profiler
 
     worker_log = tmp_path_factory.mktemp("edge-worker") / "worker.log"
     for pool in ("edge-pool", "dark-pool"):
@@ -58,7 +58,17 @@ class Tiny(nn.Module):
 def _candidate(name: str, width: int) -> Candidate:
     torch.manual_seed(width)
     return Candidate(name=name, method="test", config={"width": width}, model=Tiny(width).eval(), input_size=(8, 8),
-                     metrics={"val_acc": 0.5, "flops": 1.0, "params": 1.0, "acts": 1.0})
+                     metrics={"val_acc": 0.5, "flops": 1.0, "params": 1.0, "acts": 1.0}, in_chans=1)
+
+
+def _profile(ctx: RunContext, offers: dict, devices: list, remote_timeout_s: float) -> tuple[dict, dict]:
+    """profile_candidates' records as {device: {candidate: stats}} and {candidate: export}."""
+    pool = profile_candidates.fn(ctx, offers, devices, remote_timeout_s=remote_timeout_s)
+    stats: dict = {}
+    for member in pool:
+        for device, measured in member.stats.items():
+            stats.setdefault(device, {})[member.name] = measured
+    return stats, {m.name: m.export for m in pool}
 
 
 def _ctx(tmp_path: Path) -> RunContext:
@@ -74,7 +84,7 @@ def test_remote_device_is_profiled_through_its_work_pool(prefect_api, tmp_path: 
                          **FAST)
     cands = [_candidate("narrow", 4), _candidate("wide", 16)]
     start = time.monotonic()
-    stats, exports = profile_candidates.fn(ctx, {"edge-onnx": cands}, [edge], channels=1, remote_timeout_s=100)
+    stats, exports = _profile(ctx, {"edge-onnx": cands}, [edge], remote_timeout_s=100)
     assert set(stats.get("edge-onnx", {})) == {"narrow", "wide"}, tail(prefect_api["worker_log"])
     for s in stats["edge-onnx"].values():
         assert s.runtime == "onnxruntime" and s.batch_size == 2 and s.threads == 1
@@ -89,7 +99,7 @@ def test_remote_device_is_profiled_through_its_work_pool(prefect_api, tmp_path: 
     cache = json.loads((ctx.cache_path / "latency.json").read_text())
     assert len(cache) == 2
     elapsed_first = time.monotonic() - start
-    again, _ = profile_candidates.fn(ctx, {"edge-onnx": cands}, [edge], channels=1, remote_timeout_s=0.5)
+    again, _ = _profile(ctx, {"edge-onnx": cands}, [edge], remote_timeout_s=0.5)
     assert {k: v.as_dict() for k, v in again["edge-onnx"].items()} == \
         {k: v.as_dict() for k, v in stats["edge-onnx"].items()}, f"first call took {elapsed_first:.1f}s"
 
@@ -105,8 +115,8 @@ def test_silent_pool_times_out_unprofiled_while_local_device_is_measured(prefect
     gone = DeviceProfile(name="gone", runtime="onnxruntime", work_pool="no-such-pool", **FAST)
     cand = _candidate("narrow", 4)
     with caplog.at_level("WARNING", logger="podium.tasks.profile"):
-        stats, _ = profile_candidates.fn(ctx, {"here": [cand], "dark": [cand], "dim": [cand], "gone": [cand]},
-                                         [dark, local, dim, gone], channels=1, remote_timeout_s=8)
+        stats, _ = _profile(ctx, {"here": [cand], "dark": [cand], "dim": [cand], "gone": [cand]},
+                            [dark, local, dim, gone], remote_timeout_s=8)
     waits = [r.created for r in caplog.records if "no answer" in r.getMessage()]
     assert len(waits) == 2 and abs(waits[0] - waits[1]) < 6  # the two silent devices were awaited together
     assert set(stats) == {"here"} and set(stats["here"]) == {"narrow"}
@@ -124,7 +134,7 @@ def test_silent_pool_times_out_unprofiled_while_local_device_is_measured(prefect
 
 def test_torch_device_is_measured_on_the_onnx_graph_and_labelled_so(tmp_path: Path) -> None:
     """The device-side function, no server: a torch device gets ONNX Runtime stats, honestly labelled."""
-    from flows.device_profile import ProfileRequestError, measure_models
+    from podium.flows.device_profile import ProfileRequestError, measure_models
 
     store = open_store(tmp_path / "store")
     onnx = export_onnx(Tiny(4).eval(), (1, 8, 8), tmp_path / "m.onnx")

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import tasks.report as report
-from methods.profiling import DeviceProfile
+import podium.tasks.report as report
 from podium.config import AnchorConfig, PodiumConfig, RuntimeConfig
-from tasks.common import RunContext
+from podium.methods.profiling import DeviceProfile
+from podium.tasks.common import RunContext
 
 
 def test_device_plot_is_reused_only_for_the_same_drawing(tmp_path: Path, monkeypatch) -> None:

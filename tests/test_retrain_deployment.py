@@ -17,8 +17,8 @@ def test_deployed_retrain_runs_on_a_process_worker_and_promotes(prefect_server, 
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.retrain import retrain
-    from registry.mlflow_registry import ModelRegistry
+    from podium.flows.retrain import retrain
+    from podium.registry.mlflow_registry import ModelRegistry
 
     config = write_config(services, services["root"] / "deployed.yaml", methods={"scaling": METHODS["scaling"]})
     worker_log = services["root"] / "worker.log"

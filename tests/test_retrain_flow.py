@@ -2,7 +2,6 @@
 127.0.0.1 (store), DVC on the repository, Prefect's test harness. Then a deployment-side fetch."""
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -13,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-from methods.export import onnx_logits
-from registry.mlflow_registry import ModelRegistry
-from registry.release import fetch_release, read_current
-from registry.store import open_store
+from podium.registry.mlflow_registry import ModelRegistry
+from podium.registry.release import fetch_release, read_current
+from podium.registry.stores import open_store
+from tests.conftest import onnx_logits
 from tests.flow_helpers import BUCKET, METHODS, REPO, write_config
 
 pytestmark = pytest.mark.integration
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def first_run(prefect_harness, services):
-    from flows.retrain import run_retrain
+    from podium.flows.retrain import run_retrain
 
     config = write_config(services, services["root"] / "config.yaml")
     return run_retrain(str(config), str(REPO)), config
@@ -80,7 +79,7 @@ def test_cli_fetch_through_s3(first_run, services, tmp_path):
 
 
 def test_rerun_reuses_cached_training_and_keeps_aliases(first_run, services):
-    from flows.retrain import run_retrain
+    from podium.flows.retrain import run_retrain
 
     result, config = first_run
     before = aliases(services)
@@ -93,7 +92,7 @@ def test_rerun_reuses_cached_training_and_keeps_aliases(first_run, services):
 
 def test_bad_data_stops_the_flow_and_changes_nothing(first_run, services, tmp_path):
     """A corrupted PNG in a DVC-tracked dataset: validation fails, no alias or pointer moves."""
-    from flows.retrain import run_retrain
+    from podium.flows.retrain import run_retrain
     from podium.validation import DataValidationError
 
     project = tmp_path / "project"

@@ -6,8 +6,8 @@ from typing import Iterator
 
 import pytest
 
-from flows.runners import build_task_runner, torch_threads
 from podium.config import ConfigError, RuntimeConfig
+from podium.flows.runners import build_task_runner, torch_threads
 from tests.flow_helpers import METHODS, REPO, write_config
 
 pytestmark = pytest.mark.integration
@@ -26,8 +26,8 @@ def dask_cluster(services: dict) -> Iterator:
 def test_retrain_runs_its_trainings_in_dask_worker_processes(prefect_harness, services, dask_cluster) -> None:
     from distributed import Client, get_task_stream
 
-    from flows.retrain import run_retrain
-    from registry.mlflow_registry import ModelRegistry
+    from podium.flows.retrain import run_retrain
+    from podium.registry.mlflow_registry import ModelRegistry
 
     config = write_config(services, services["root"] / "dask.yaml", methods=SCALEOUT_METHODS,
                           runtime={"task_runner": "dask", "dask_address": dask_cluster.scheduler_address,

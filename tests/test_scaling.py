@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from methods.base import Anchor
-from methods.complexity import count
-from methods.export import export_onnx, onnx_logits
-from methods.families import build
-from methods.scaling import (
+from podium.methods.base import Anchor
+from podium.methods.complexity import count
+from podium.methods.export import export_onnx
+from podium.methods.families import build, scale
+from podium.methods.scaling import (
     STRATEGIES,
     EfficientNetBase,
     RegNetBase,
@@ -20,16 +20,16 @@ from methods.scaling import (
     ScalingConfig,
     adjust_block_compatibility,
     describe_scales,
-    plot_runtime_correlation,
     round_depth,
     round_group_width,
     round_width,
     runtime_correlation,
-    scale_arch,
     scale_factors,
     scale_resolution,
 )
-from methods.train import TrainConfig
+from podium.methods.train import TrainConfig
+from podium.tasks.plots import plot_runtime_correlation
+from tests.conftest import onnx_logits
 
 # ---------------------------------------------------------------- the rule
 
@@ -81,7 +81,7 @@ def test_group_width_rounding_and_compatibility():
 
 def test_regnet_group_width_follows_width_only_for_fast_scaling():
     arch = RegNetBase().arch()
-    fast, uniform = scale_arch(arch, "dWr", 8.0), scale_arch(arch, "dwr", 8.0)
+    fast, uniform = scale(arch, "dWr", 8.0), scale(arch, "dwr", 8.0)
     assert fast["group_widths"] != arch["group_widths"]  # g scales with w (pycls d1_w8_g8_r1)
     assert uniform["group_widths"] == arch["group_widths"]
     for a in (fast, uniform):
@@ -92,7 +92,7 @@ def test_regnet_group_width_follows_width_only_for_fast_scaling():
 
 def test_arch_dict_rebuilds_the_same_model_from_json():
     for base in (RegNetBase(), EfficientNetBase()):
-        arch = scale_arch(base.arch(), "dWr", 4.0)
+        arch = scale(base.arch(), "dWr", 4.0)
         rebuilt = json.loads(json.dumps(arch))  # what an MLflow tag round-trip gives
         a, b = build(arch, 10, 1), build(rebuilt, 10, 1)
         assert count(a, (34, 34), 1) == count(b, (34, 34), 1)

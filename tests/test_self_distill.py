@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from methods.base import Anchor
-from methods.export import export_onnx, onnx_logits
-from methods.families import build
-from methods.self_distill import (
+from podium.methods.base import Anchor
+from podium.methods.export import export_onnx
+from podium.methods.families import build
+from podium.methods.self_distill import (
     DEFAULT_ARCH,
     EarlyExitNet,
     MultiExitNet,
@@ -21,7 +21,8 @@ from methods.self_distill import (
     export_exit,
     self_distillation_loss,
 )
-from methods.train import TrainConfig
+from podium.methods.train import TrainConfig
+from tests.conftest import onnx_logits
 
 NUM_CLASSES = 10
 

@@ -9,12 +9,25 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from methods.base import DataBundle
-from methods.export import export_onnx, onnx_logits
-from methods.profiling import DeviceProfile
-from methods.shrinking import (Arch, ElasticMBConv, OFASubnet, OFASupernet, OpenSpace, PhaseConfig, Shrinking,
-                               ShrinkingConfig, describe_space, encode_arch, extract_subnet, space_size)
-from methods.train import TrainConfig
+from podium.methods.base import DataBundle
+from podium.methods.export import export_onnx
+from podium.methods.profiling import DeviceProfile
+from podium.methods.shrinking import (
+    Arch,
+    ElasticMBConv,
+    OFASubnet,
+    OFASupernet,
+    OpenSpace,
+    PhaseConfig,
+    Shrinking,
+    ShrinkingConfig,
+    describe_space,
+    encode_arch,
+    extract_subnet,
+    space_size,
+)
+from podium.methods.train import TrainConfig
+from tests.conftest import onnx_logits
 
 TINY = ShrinkingConfig(stem_width=8, first_block_width=8, unit_widths=(8, 16), unit_strides=(1, 2),
                        unit_se=(False, True), unit_acts=("relu", "hswish"), head_width=24, feature_width=32,

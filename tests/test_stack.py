@@ -55,7 +55,7 @@ def test_stack_up_serves_both_then_down_leaves_no_process(tmp_path: Path) -> Non
 
 
 def test_a_server_that_cannot_start_is_one_line_with_its_log(tmp_path: Path) -> None:
-    from infra.stack import Service, StackError, start_service
+    from podium.infra.stack import Service, StackError, start_service
 
     broken = Service("mlflow", [sys.executable, "-c", "raise SystemExit(3)"], free_port(), "/health")
     with pytest.raises(StackError, match=r"mlflow exited with code 3 while starting; see .*mlflow.log"):

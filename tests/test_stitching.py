@@ -1,27 +1,46 @@
 """SN-Net stitching: stitch space rules, least-squares layers, exact identity stitches, export, fit."""
 from __future__ import annotations
 
-import json
-
 import copy
 import itertools
+import json
 
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from methods.base import Anchor
-from methods.complexity import count
-from methods.export import export_onnx, onnx_logits
-from methods.families import build
-from methods.stitching import (
-    StitchConfig, Stitching, StitchingConfig, as_rows, assemble, build_stitch_layers, collect_features,
-    describe_space, enumerate_stitches, init_stitch_layers, least_squares, make_stitch_layer, paired_stitching,
-    pareto_rows, plot_pareto, probe_shapes, set_stitch_weights, split_anchor, stitch_residual, take_batches, unpaired_stitching,
+from podium.methods.base import Anchor
+from podium.methods.complexity import count
+from podium.methods.export import export_onnx
+from podium.methods.families import build
+from podium.methods.families.timm_hub import split_timm
+from podium.methods.stitching import (
+    StitchConfig,
+    Stitching,
+    StitchingConfig,
+    as_rows,
+    assemble,
+    build_stitch_layers,
+    collect_features,
+    describe_space,
+    enumerate_stitches,
+    init_stitch_layers,
+    least_squares,
+    make_stitch_layer,
+    paired_stitching,
+    pareto_rows,
+    probe_shapes,
+    set_stitch_weights,
+    stitch_residual,
+    take_batches,
+    unpaired_stitching,
 )
-from methods.train import TrainConfig, cross_entropy_loss, fit
+from podium.methods.train import TrainConfig, cross_entropy_loss, fit
+from podium.tasks.plots import plot_pareto
+from tests.conftest import onnx_logits
 
 SMALL = {"family": "resnet", "layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128]}
 LARGE = {"family": "resnet", "layers": [2, 2, 2, 2], "channels": [32, 64, 128, 256]}
@@ -35,7 +54,7 @@ def _vit(dim: int, depth: int, seed: int = 0) -> VisionTransformer:
 
 
 def _space(models: list[nn.Module], names: list[str], **kw):
-    parts = [split_anchor(m) for m in models]
+    parts = [split_timm(m) for m in models]  # timm ResNets and ViTs, by class
     shapes = [probe_shapes(p, 1, SIZE) for p in parts]
     configs = enumerate_stitches(parts, names, shapes, **kw)
     return parts, shapes, configs, build_stitch_layers(parts, shapes, configs)
@@ -201,8 +220,11 @@ def test_short_fit_yields_candidates_with_metrics(digits, anchors, tmp_path):
     assert [r["flops"] for r in rows] == sorted(r["flops"] for r in rows)
     png = plot_pareto(rows, tmp_path / "pareto.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table, plot = space.write_artifacts(tmp_path)
-    assert len(json.loads(table.read_text())) == 6 and plot.suffix == ".png"
+    tables = space.tables()
+    assert list(tables) == ["stitching_pareto"] and tables["stitching_pareto"] == rows
+    assert len(json.loads(json.dumps(tables["stitching_pareto"]))) == 6  # the report logs it as JSON
+    plot = plot_pareto(tables["stitching_pareto"], tmp_path / "stitching_pareto.png")
+    assert plot.suffix == ".png" and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_as_rows_is_nhwc():
@@ -213,6 +235,6 @@ def test_as_rows_is_nhwc():
 
 
 def test_config_rejects_unknown_keys():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match=r"windw\s+Extra inputs are not permitted"):
         StitchingConfig(windw=3)
     assert isinstance(StitchConfig(name="a", front=0, front_blocks=2).is_anchor, bool)

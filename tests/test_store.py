@@ -10,7 +10,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from registry.store import ArtifactStore, LocalStore, S3Store, StoreError, open_store
+from podium.files import TMP_MARK, atomic_path
+from podium.registry.stores import ArtifactStore, LocalStore, S3Store, StoreError, open_store
 
 
 def _bucket(endpoint: str, name: str = "podium-test") -> str:
@@ -73,14 +74,14 @@ def test_local_writes_are_atomic_and_leave_no_temp_files(tmp_path: Path) -> None
     class Boom(Exception):
         pass
 
-    def failing_write(fh) -> None:
-        fh.write(b"partial")
-        raise Boom
-
-    with pytest.raises(Boom):
-        store._atomic_write("a/b.json", failing_write)
+    with pytest.raises(Boom):  # every store write goes through atomic_path: a write that fails midway
+        with atomic_path(tmp_path / "a" / "b.json") as tmp:
+            tmp.write_bytes(b"partial")
+            raise Boom
     assert store.get_bytes("a/b.json") == b"1"  # the old content survives a failed write
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.json"]
+    (tmp_path / "a" / f"{TMP_MARK}b.json.x").write_bytes(b"left by a kill")
+    assert store.list("a/") == ["a/b.json"]  # a temp file a killed writer left is never listed
 
 
 def test_open_store_uris(tmp_path: Path, s3: str) -> None:

@@ -1,4 +1,8 @@
-"""The device inventory (`infra/devices.yaml`): every target a model can be chosen for."""
+"""The device inventory (``infra/devices.yaml`` by default): every target a model can be chosen for.
+
+Each entry is a :class:`~podium.methods.profiling.DeviceProfile`, the profiler's own description of
+where and how to measure; its runtime must be one this installation has.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,18 +10,16 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from methods.base import StrictModel
-from methods.profiling import DeviceProfile
+from podium import infra
+from podium.errors import DeviceError
+from podium.methods.base import StrictModel
+from podium.methods.profiling import DeviceProfile
 
-DEFAULT_INVENTORY = Path(__file__).with_name("devices.yaml")
+DEFAULT_INVENTORY = Path(infra.__file__).with_name("devices.yaml")
 
 
 class Inventory(StrictModel):
     devices: list[DeviceProfile]
-
-
-class DeviceError(ValueError):
-    """An unknown device or an invalid inventory entry (one line)."""
 
 
 def load_inventory(path: Path = DEFAULT_INVENTORY) -> dict[str, DeviceProfile]:

@@ -1,0 +1,30 @@
+"""Any registered timm model by name; hub weights are downloaded only when ``pretrained`` is set.
+
+Split hook (:func:`split_timm`): timm ResNets and VisionTransformers, by the built model's class.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+from timm.models.resnet import ResNet
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from podium.methods.families import AnchorParts, register_family
+from podium.methods.families.resnet import split_resnet
+from podium.methods.families.vit import split_vit
+
+
+def split_timm(model: nn.Module) -> AnchorParts:
+    """Embed / blocks / head of a timm ResNet or VisionTransformer (whatever hub name built it)."""
+    if isinstance(model, ResNet):
+        return split_resnet(model)
+    if isinstance(model, VisionTransformer):
+        return split_vit(model)
+    raise TypeError(f"stitching supports timm ResNet and VisionTransformer anchors, not {type(model).__name__}")
+
+
+@register_family("timm", split=split_timm)
+def timm_model(name: str, num_classes: int, in_chans: int, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)

@@ -1,0 +1,223 @@
+"""The method: progressive shrinking (``Shrinking.fit``) and the trained supernet as a candidate
+space searched per device (``ShrinkSpace``)."""
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from podium.methods.base import Anchor, AnchorSpec, Candidate, CandidateSpace, DataBundle, DataShape, Method
+from podium.methods.catalog import register_method
+from podium.methods.complexity import count
+from podium.methods.losses import soft_target_ce
+from podium.methods.profiling import DeviceProfile, LatencyStats, measure
+from podium.methods.shrinking.config import PhaseConfig, ShrinkingConfig, describe_space
+from podium.methods.shrinking.latency import LatencyTable
+from podium.methods.shrinking.predictor import AccuracyPredictor, encode_arch, train_accuracy_predictor
+from podium.methods.shrinking.search import SearchResult, evolutionary_search
+from podium.methods.shrinking.space import Arch, OpenSpace, _as_arch
+from podium.methods.shrinking.supernet import OFASubnet, OFASupernet, extract_subnet
+from podium.methods.train import evaluate, fit, pick_device, recalibrate_bn, resize
+
+log = logging.getLogger("podium.shrinking")
+
+
+def fixed_subset_loader(loader: DataLoader, num_batches: int) -> DataLoader:
+    """The first ``num_batches`` batches' worth of the training set, in a fixed order (BN recalibration)."""
+    n = min(len(loader.dataset), num_batches * (loader.batch_size or 1))
+    return DataLoader(Subset(loader.dataset, range(n)), batch_size=loader.batch_size, shuffle=False)
+
+
+def phase_loss(supernet: OFASupernet, teacher: nn.Module | None, space: OpenSpace, phase: PhaseConfig,
+               cfg: ShrinkingConfig, rng: random.Random) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """Per step: one resolution (elastic in every phase, as in OFA); teacher forward once (no grad,
+    same resolution); the summed loss of ``subnets_per_step`` sub-networks sampled from the space
+    open so far (CE with label smoothing + kd_weight * soft-target CE against the teacher)."""
+    units = len(cfg.unit_widths)
+
+    def loss_fn(images: torch.Tensor, labels: torch.Tensor, _step: int) -> torch.Tensor:
+        r = rng.choice(space.resolutions)
+        x = resize(images, (r, r))
+        soft = None
+        if teacher is not None and cfg.kd_weight > 0:
+            with torch.no_grad():
+                soft = teacher(x)
+        total = x.new_zeros(())
+        for _ in range(phase.subnets_per_step):
+            supernet.set_active(space.sample(units, rng, r))  # the full network while only it is open
+            out = supernet(x)
+            loss = F.cross_entropy(out, labels, label_smoothing=cfg.label_smoothing)
+            if soft is not None:
+                loss = loss + cfg.kd_weight * soft_target_ce(out, soft)
+            total = total + loss
+        return total
+
+    return loss_fn
+
+
+def describe(cfg: ShrinkingConfig, shape: DataShape, anchors: Sequence[AnchorSpec]) -> list[dict[str, Any]]:
+    return [describe_space(cfg)]
+
+
+@register_method('shrinking', ShrinkingConfig, describe)
+class Shrinking(Method):
+    """Once-for-All: train an elastic supernet by progressive shrinking, then search per device."""
+
+    name = "shrinking"
+
+    def __init__(self, cfg: ShrinkingConfig | None = None) -> None:
+        self.cfg = cfg or ShrinkingConfig()
+
+    def fit(self, data: DataBundle, anchors: Sequence[Anchor] = (), teacher: Anchor | None = None) -> "ShrinkSpace":
+        """Progressive shrinking on ``data.train``, then the accuracy predictor's data.
+
+        The distillation teacher is the supernet's own full network after the first phase, as in
+        the paper; ``anchors`` and ``teacher`` are not used by this method.
+        """
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        device = pick_device()
+        supernet = OFASupernet(cfg, data.input_spec.channels, data.num_classes).to(device)
+        rng = random.Random(cfg.seed)
+        space = OpenSpace.largest(cfg)
+        kd_teacher: nn.Module | None = None
+        history = []
+        for i, phase in enumerate(cfg.phases):
+            space = space.opened(phase, cfg)
+            if phase.elastic == "width":
+                supernet.sort_channels()
+            train_cfg = cfg.train.model_copy(update={"epochs": phase.epochs, "max_steps": phase.max_steps,
+                                                     "lr": cfg.train.lr * phase.lr_mult, "seed": cfg.train.seed + i})
+            result = fit(supernet, data.train, phase_loss(supernet, kd_teacher, space, phase, cfg, rng), train_cfg,
+                         name=f"shrinking/{phase.name}", rngs=[rng])
+            history.append({"phase": phase.name, "steps": result.steps, "final_loss": result.final_loss,
+                            "wall_s": result.wall_s, "kernels": list(space.kernels), "depths": list(space.depths),
+                            "expands": list(space.expands)})
+            if i == 0:
+                kd_teacher = copy.deepcopy(supernet)
+                kd_teacher.set_active(OpenSpace.full(cfg).uniform(len(cfg.unit_widths), "max"))
+                kd_teacher.requires_grad_(False)
+                kd_teacher.train()  # batch statistics, as OFA runs its teacher: valid at any resolution
+        supernet.set_active(OpenSpace.full(cfg).uniform(len(cfg.unit_widths), "max"))
+        out = ShrinkSpace(cfg, supernet.eval(), data)
+        out.history = history
+        out.fit_predictor()
+        return out
+
+
+class ShrinkSpace(CandidateSpace):
+    """The trained supernet as a candidate space: a per-device search yields the best few sub-nets.
+
+    Sub-network accuracies (predictor training data and candidate ``val_acc``) are measured on
+    ``data.val`` after BN recalibration on a fixed subset of ``data.train``.
+    """
+
+    def __init__(self, cfg: ShrinkingConfig, supernet: OFASupernet, data: DataBundle) -> None:
+        self.cfg, self.supernet, self.data = cfg, supernet, data
+        self.space = OpenSpace.full(cfg)
+        self.units = len(cfg.unit_widths)
+        self.calib_loader = fixed_subset_loader(data.train, cfg.bn_recalibration_batches)
+        self.history: list[dict] = []
+        self.predictor: AccuracyPredictor | None = None
+        self.predictor_report: dict[str, float] = {}
+        self.latency_tables: dict[str, LatencyTable] = {}
+        self._cache: dict[str, list[Candidate]] = {}
+
+    def report(self) -> dict[str, Any]:
+        """The shrinking history (per phase: steps, final loss, wall time, choices open after it) and
+        the accuracy predictor's numbers (held-out error, accuracies of the evaluated sub-networks)."""
+        return {"phases": [dict(h) for h in self.history], "predictor": dict(self.predictor_report)}
+
+    # sub-networks -------------------------------------------------------------------------
+    def subnet(self, arch: Arch | dict[str, Any]) -> OFASubnet:
+        """Extracted, BN-recalibrated (at its resolution), eval-mode sub-network on CPU."""
+        arch = _as_arch(arch)
+        net = extract_subnet(self.supernet, arch).cpu()
+        recalibrate_bn(net, self.calib_loader, self.cfg.bn_recalibration_batches, (arch.resolution,) * 2)
+        return net.eval()
+
+    def evaluate_arch(self, arch: Arch | dict[str, Any]) -> float:
+        arch = _as_arch(arch)
+        return evaluate(self.subnet(arch), self.data.val, (arch.resolution,) * 2)
+
+    # accuracy predictor ---------------------------------------------------------------------
+    def fit_predictor(self) -> dict[str, float]:
+        """Evaluate random sub-networks (plus the extremes) and fit the MLP accuracy predictor."""
+        rng = random.Random(self.cfg.seed + 1)
+        archs = [self.space.uniform(self.units, "max"), self.space.uniform(self.units, "min")]
+        archs += [self.space.sample(self.units, rng) for _ in range(self.cfg.predictor.samples - len(archs))]
+        accs = np.array([self.evaluate_arch(a) for a in archs], dtype=np.float32)
+        feats = np.stack([encode_arch(a, self.cfg) for a in archs])
+        self.predictor, self.predictor_report = train_accuracy_predictor(feats, accs, self.cfg.predictor, self.cfg.seed)
+        self.predictor_report.update(mean_acc=float(accs.mean()), min_acc=float(accs.min()), max_acc=float(accs.max()))
+        log.info("accuracy predictor: %s", {k: round(v, 4) for k, v in self.predictor_report.items()})
+        return self.predictor_report
+
+    def predict_acc(self, archs: Sequence[Arch]) -> np.ndarray:
+        if self.predictor is None:
+            self.fit_predictor()
+        with torch.no_grad():
+            feats = torch.as_tensor(np.stack([encode_arch(a, self.cfg) for a in archs]))
+            return self.predictor(feats).numpy()
+
+    # per-device search ----------------------------------------------------------------------
+    def latency_table(self, device: DeviceProfile) -> LatencyTable:
+        if device.name not in self.latency_tables:
+            table = LatencyTable(self.supernet, device, self.cfg)
+            anchors = [self.space.uniform(self.units, w) for w in ("max", "mid", "min")]
+            table.calibrate(anchors, [self.measure_arch(a, device).p50_ms for a in anchors])
+            self.latency_tables[device.name] = table
+        return self.latency_tables[device.name]
+
+    def measure_arch(self, arch: Arch, device: DeviceProfile, net: nn.Module | None = None) -> LatencyStats:
+        """Real latency of a whole extracted sub-network on the device's runtime."""
+        net = net if net is not None else extract_subnet(self.supernet, arch).eval()
+        return measure(net, (self.supernet.in_chans, arch.resolution, arch.resolution), device)
+
+    def search(self, device: DeviceProfile) -> list[SearchResult]:
+        table = self.latency_table(device)
+        return evolutionary_search(self.space, self.units, self.predict_acc, table.predict,
+                                   device.latency_budget_ms, self.cfg.evolution, self.cfg.seed)
+
+    def make_candidate(self, arch: Arch, device: DeviceProfile | None = None,
+                       extra: dict[str, float] | None = None) -> Candidate:
+        """Extract, recalibrate BN, evaluate on val, count complexity, and (for a device) measure."""
+        net = self.subnet(arch)
+        size = (arch.resolution, arch.resolution)
+        metrics: dict[str, float] = {"val_acc": evaluate(net, self.data.val, size)}
+        metrics.update({k: float(v) for k, v in count(net, size, self.supernet.in_chans).as_dict().items()})
+        if device is not None:
+            stats = self.measure_arch(arch, device, net)
+            metrics.update(p50_ms=stats.p50_ms, p90_ms=stats.p90_ms, latency_budget_ms=device.latency_budget_ms)
+        metrics.update(extra or {})
+        return Candidate(name=arch.name, method=Shrinking.name, config=arch.to_dict(), model=net,
+                         input_size=size, metrics=metrics, in_chans=self.supernet.in_chans)
+
+    def candidates(self, device: DeviceProfile | None = None) -> Iterator[Candidate]:
+        """For a device: the top_k sub-networks of an evolutionary search under its latency budget,
+        measured for real (cached per device name). Without one: largest, middle and smallest."""
+        key = device.name if device is not None else ""
+        if key not in self._cache:
+            if device is None:
+                archs = [self.space.uniform(self.units, w) for w in ("max", "mid", "min")]
+                self._cache[key] = [self.make_candidate(a) for a in archs]
+            else:
+                results = self.search(device)[: self.cfg.top_k]
+                table = self.latency_table(device)
+                self._cache[key] = [
+                    self.make_candidate(r.arch, device, {"predicted_acc": r.predicted_acc,
+                                                         "predicted_latency_ms": r.predicted_latency_ms,
+                                                         "lut_entries": float(len(table.table))})
+                    for r in results]
+                for c in self._cache[key]:
+                    log.info("%s on %s: val %.3f, predicted %.2f ms, measured p50 %.2f ms (budget %.2f)", c.name,
+                             device.name, c.metrics["val_acc"], c.metrics["predicted_latency_ms"],
+                             c.metrics["p50_ms"], device.latency_budget_ms)
+        yield from self._cache[key]

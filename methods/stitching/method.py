@@ -1,0 +1,287 @@
+"""The SN-Net method: config, supernet, sampler, the fitted space and the space description.
+
+:class:`Stitching` cuts each anchor with its family's split hook (``families.split(arch, model)``),
+builds the supernet, trains it with :func:`podium.methods.train.fit` and returns a
+:class:`StitchSpace` whose candidates are standalone, ONNX-exportable modules.
+:func:`describe_space` lists the space with FLOPs without training (``podium space show``).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from podium.methods import families
+from podium.methods.base import (
+    Anchor,
+    AnchorSpec,
+    Candidate,
+    CandidateSpace,
+    DataBundle,
+    DataShape,
+    Method,
+    StrictModel,
+)
+from podium.methods.catalog import register_method
+from podium.methods.complexity import count
+from podium.methods.families import AnchorParts
+from podium.methods.losses import hard_distillation
+from podium.methods.pareto import pareto_front
+from podium.methods.stitching.init import init_stitch_layers
+from podium.methods.stitching.space import (
+    StitchConfig,
+    assemble,
+    build_stitch_layers,
+    enumerate_stitches,
+    probe_shapes,
+)
+from podium.methods.train import TrainConfig, evaluate, fit, pick_device, recalibrate_bn
+
+log = logging.getLogger("podium.stitching")
+
+
+class StitchingConfig(StrictModel):
+    anchors: list[str] = []  # names of the anchors to stitch; empty: every anchor of one family
+    window: int = 2  # paired stitching: sliding-window size (blocks)
+    stride: int = 1  # paired stitching: window stride
+    stages: list[int] | None = None  # stages where stitches may start (None: all)
+    front_blocks: list[int] | None = None  # flat front-block indices where stitches may start (None: all)
+    init: Literal["ls", "he"] = "ls"
+    ls_batches: int = 8  # training batches of activations for the least-squares solution
+    joint_training: bool = True  # False: evaluate right after initialisation
+    sampling: Literal["uniform", "flops_bins"] = "uniform"  # flops_bins: SN-Netv2 resource-constrained
+    flops_bins: int = 4
+    distill: bool = False  # hard distillation from the teacher (when one is given)
+    bn_recalibration_batches: int = 10  # per configuration before evaluation (0: off)
+    train: TrainConfig = TrainConfig(epochs=3, lr=1e-3, optimizer="adamw", weight_decay=0.05, warmup_steps=10)
+
+
+class StitchSupernet(nn.Module):
+    """Every anchor's parts plus every stitching layer: what the optimiser trains."""
+
+    def __init__(self, parts: Sequence[AnchorParts], layers: nn.ModuleDict, configs: Sequence[StitchConfig]):
+        super().__init__()
+        self.parts = list(parts)
+        self.anchors = nn.ModuleList(p.modules_dict() for p in parts)
+        self.layers = layers
+        self.configs = list(configs)
+
+    def forward_config(self, x: torch.Tensor, config: StitchConfig) -> torch.Tensor:
+        return assemble(self.parts, self.layers, config)(x)
+
+    def forward(self, x: torch.Tensor, index: int = 0) -> torch.Tensor:
+        return self.forward_config(x, self.configs[index])
+
+
+class ConfigSampler:
+    """Uniform over configurations, or (SN-Netv2) a uniform FLOPs bin first, then a stitch in it."""
+
+    def __init__(self, flops: Sequence[int], mode: str = "uniform", bins: int = 4, seed: int = 0):
+        self.rng = random.Random(seed)
+        if mode == "uniform" or len(flops) < 2:
+            self.groups = [list(range(len(flops)))]
+        else:
+            lo, hi = min(flops), max(flops)
+            width = (hi - lo) / bins or 1.0
+            grouped: dict[int, list[int]] = defaultdict(list)
+            for i, f in enumerate(flops):
+                grouped[min(bins - 1, int((f - lo) / width))].append(i)
+            self.groups = [grouped[b] for b in sorted(grouped)]
+
+    def __call__(self) -> int:
+        return self.rng.choice(self.rng.choice(self.groups))
+
+
+@dataclass
+class StitchResult:
+    config: StitchConfig
+    model: nn.Module  # standalone, eval, CPU
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class StitchSpace(CandidateSpace):
+    """Every evaluated configuration; each one is a candidate for every device."""
+
+    def __init__(self, results: list[StitchResult], anchor_names: list[str], input_size: tuple[int, int],
+                 in_chans: int, settings: dict[str, Any]):
+        self.results = results
+        self.anchor_names = anchor_names
+        self.input_size = input_size
+        self.in_chans = in_chans
+        self.settings = settings
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def tables(self) -> dict[str, list[dict[str, Any]]]:
+        """The Pareto table of every configuration, for the run's records (logged and drawn by the report)."""
+        return {"stitching_pareto": pareto_rows(self)}
+
+    def candidates(self, device: Any = None) -> Iterator[Candidate]:
+        for r in self.results:
+            yield Candidate(name=f"sn-{r.config.name}", method=Stitching.name, config=config_dict(r.config, self.anchor_names,
+                                                                                             self.settings),
+                            model=r.model, input_size=self.input_size, metrics=dict(r.metrics), in_chans=self.in_chans)
+
+
+def config_dict(c: StitchConfig, names: Sequence[str], settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"front": names[c.front], "front_blocks": c.front_blocks,
+                           "end": None if c.is_anchor else names[c.end],
+                           "end_start": None if c.is_anchor else c.end_start,
+                           "stage": None if c.is_anchor else c.stage, "layer": c.layer, "anchors": list(names)}
+    out.update(settings or {})
+    return out
+
+
+def _family_key(anchor: Anchor) -> str:
+    family = anchor.arch.get("family", "")
+    if family == "timm":
+        return f"timm:{type(anchor.model).__name__}"
+    return family or type(anchor.model).__name__
+
+
+def select_anchors(anchors: Sequence[Anchor], wanted: Sequence[str]) -> list[Anchor]:
+    """The named anchors, or the largest group of one family when no names are given."""
+    if wanted:
+        by_name = {a.name: a for a in anchors}
+        missing = [n for n in wanted if n not in by_name]
+        if missing:
+            raise ValueError(f"stitching anchors {missing} not acquired; have {sorted(by_name)}")
+        chosen = [by_name[n] for n in wanted]
+    else:
+        groups: dict[str, list[Anchor]] = defaultdict(list)
+        for a in anchors:
+            groups[_family_key(a)].append(a)
+        chosen = max(groups.values(), key=len) if groups else []
+        if len(groups) > 1:
+            log.info("stitching the %s family (%d anchors); other families ignored", _family_key(chosen[0]),
+                     len(chosen))
+    if len(chosen) < 2:
+        raise ValueError("stitching needs at least two anchors of one family")
+    return chosen
+
+
+def describe(cfg: StitchingConfig, shape: DataShape, anchors: Sequence[AnchorSpec]) -> list[dict[str, Any]]:
+    return describe_space([a.arch for a in anchors], shape.num_classes, shape.channels, shape.image_size, cfg,
+                          names=[a.name for a in anchors])
+
+
+@register_method('stitching', StitchingConfig, describe)
+class Stitching(Method):
+    name = "stitching"
+
+    def __init__(self, cfg: StitchingConfig | None = None):
+        self.cfg = cfg or StitchingConfig()
+
+    def fit(self, data: DataBundle, anchors: Sequence[Anchor] = (), teacher: Anchor | None = None) -> StitchSpace:
+        cfg = self.cfg
+        spec = data.input_spec
+        in_chans, size = spec.channels, spec.size
+        device = pick_device()
+        chosen = select_anchors(anchors, cfg.anchors)
+        # Deep copies: the caller's anchors (shared with other methods) must not be trained here.
+        models = [copy.deepcopy(a.model).to(device) for a in chosen]
+        flops = [count(m, size, in_chans).flops for m in models]
+        order = sorted(range(len(models)), key=lambda i: flops[i])
+        models, names = [models[i] for i in order], [chosen[i].name for i in order]
+        parts = [families.split(chosen[i].arch, m) for i, m in zip(order, models)]
+        if len({p.kind for p in parts}) > 1:
+            raise ValueError("stitching anchors must all be CNNs or all ViTs")
+        shapes = [probe_shapes(p, in_chans, size) for p in parts]
+        configs = enumerate_stitches(parts, names, shapes, cfg.window, cfg.stride, cfg.stages, cfg.front_blocks)
+        layers = build_stitch_layers(parts, shapes, configs).to(device)
+        log.info("stitching %s: %d configurations (%d stitching layers)", " < ".join(names), len(configs), len(layers))
+        init_stitch_layers(parts, layers, configs, data.train, cfg.init, cfg.ls_batches)
+        supernet = StitchSupernet(parts, layers, configs).to(device)
+
+        if cfg.joint_training:
+            self._train(supernet, data, teacher, in_chans, size)
+        results = []
+        for c in configs:
+            model = assemble(parts, layers, c, standalone=True).to(device)
+            if cfg.bn_recalibration_batches:
+                recalibrate_bn(model, data.train, cfg.bn_recalibration_batches)
+            acc = evaluate(model, data.val)
+            model = model.cpu().eval()
+            metrics = {"val_acc": acc, **count(model, size, in_chans).as_dict()}
+            log.info("%s: val_acc %.4f flops %d", c.name, acc, metrics["flops"])
+            results.append(StitchResult(c, model, metrics))
+        settings = {"init": cfg.init, "joint_training": cfg.joint_training}
+        return StitchSpace(results, names, size, in_chans, settings)
+
+    def _train(self, supernet: StitchSupernet, data: DataBundle, teacher: Anchor | None, in_chans: int,
+               size: tuple[int, int]) -> None:
+        cfg = self.cfg
+        flops = [count(assemble(supernet.parts, supernet.layers, c), size, in_chans).flops for c in supernet.configs]
+        sample = ConfigSampler(flops, cfg.sampling, cfg.flops_bins, cfg.train.seed)
+        teacher_model = None
+        if cfg.distill and teacher is not None:
+            teacher_model = copy.deepcopy(teacher.model).to(next(supernet.parameters()).device).eval()
+
+        def loss_fn(images: torch.Tensor, labels: torch.Tensor, _step: int) -> torch.Tensor:
+            logits = supernet.forward_config(images, supernet.configs[sample()])
+            if teacher_model is None:
+                return F.cross_entropy(logits, labels)
+            with torch.no_grad():
+                teacher_logits = teacher_model(images)
+            return hard_distillation(logits, teacher_logits, labels)
+
+        fit(supernet, data.train, loss_fn, cfg.train, name="stitching", rngs=[sample.rng])
+        supernet.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Space description (no training) and the Pareto table
+# ---------------------------------------------------------------------------------------------
+
+def arch_name(arch: dict[str, Any]) -> str:
+    """A short readable anchor name from its architecture dict."""
+    if arch.get("family") == "timm":
+        return str(arch["name"])
+    rest = [f"{k[0]}{'.'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+            for k, v in arch.items() if k != "family"]
+    return "-".join([str(arch.get("family", "model")), *rest])
+
+
+def describe_space(anchor_archs: Sequence[dict[str, Any]], num_classes: int, in_chans: int,
+                   input_size: tuple[int, int], cfg: StitchingConfig | None = None,
+                   names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Every configuration of the space for these anchors with its FLOPs/params, without training."""
+    cfg = cfg or StitchingConfig()
+    names = list(names) if names else [arch_name(a) for a in anchor_archs]
+    models = [families.build(a, num_classes, in_chans).eval() for a in anchor_archs]
+    flops = [count(m, input_size, in_chans).flops for m in models]
+    order = sorted(range(len(models)), key=lambda i: flops[i])
+    models, names = [models[i] for i in order], [names[i] for i in order]
+    parts = [families.split(anchor_archs[i], m) for i, m in zip(order, models)]
+    shapes = [probe_shapes(p, in_chans, input_size) for p in parts]
+    configs = enumerate_stitches(parts, names, shapes, cfg.window, cfg.stride, cfg.stages, cfg.front_blocks)
+    layers = build_stitch_layers(parts, shapes, configs)
+    rows = []
+    for c in configs:
+        cx = count(assemble(parts, layers, c), input_size, in_chans)
+        rows.append({"name": c.name, "kind": "anchor" if c.is_anchor else "stitch", **config_dict(c, names),
+                     "flops": cx.flops, "params": cx.params, "acts": cx.acts})
+    return rows
+
+
+def pareto_rows(space: StitchSpace) -> list[dict[str, Any]]:
+    """One row per configuration (sorted by FLOPs) with a ``pareto`` flag (FLOPs vs val_acc)."""
+    front = {id(r) for r in pareto_front(space.results, lambda r: r.metrics["flops"], lambda r: r.metrics["val_acc"])}
+    rows = []
+    for r in sorted(space.results, key=lambda r: r.metrics["flops"]):
+        c = r.config
+        rows.append({"name": c.name, "kind": "anchor" if c.is_anchor else "stitch",
+                     "front": space.anchor_names[c.front], "front_blocks": c.front_blocks,
+                     "end": None if c.is_anchor else space.anchor_names[c.end],
+                     "end_start": None if c.is_anchor else c.end_start,
+                     **{k: r.metrics[k] for k in ("val_acc", "flops", "params", "acts")}, "pareto": id(r) in front})
+    return rows

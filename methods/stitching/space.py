@@ -1,0 +1,187 @@
+"""The stitch space: paired/unpaired rules, configurations, stitching layers and stitched networks.
+
+Anchors arrive already cut into embed / blocks / head (:class:`~podium.methods.families.AnchorParts`,
+by their family's split hook) and sorted small -> large.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from podium.methods.families import AnchorParts, Kind
+
+
+@torch.no_grad()
+def probe_shapes(parts: AnchorParts, in_chans: int, input_size: tuple[int, int]) -> list[tuple[int, ...]]:
+    """Per-sample shapes ``[embed_out, block0_out, ...]`` at batch 1 (channels first for maps)."""
+    device = next(parts.embed.parameters()).device
+    modules = [parts.embed, *parts.blocks]
+    was = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    x = parts.embed(torch.zeros(1, in_chans, *input_size, device=device))
+    shapes = [tuple(x.shape[1:])]
+    for block in parts.blocks:
+        x = block(x)
+        shapes.append(tuple(x.shape[1:]))
+    for m, w in zip(modules, was):
+        m.train(w)
+    return shapes
+
+
+def paired_stitching(depth: int, window: int = 2, stride: int = 1) -> list[tuple[int, int, int]]:
+    """Stitches between anchors of equal depth: ``(front_block, end_block, layer_id)``.
+
+    A window of ``window`` blocks slides with ``stride``; every (j, k) pair inside a window is a
+    stitch (front runs blocks 0..j, end runs k..), and each window that adds a new pair gets one
+    stitching layer shared by its pairs. depth=12, window=2, stride=1: 34 stitches, 11 layers.
+    """
+    seen: set[tuple[int, int]] = set()
+    out: list[tuple[int, int, int]] = []
+    layer_id, start = 0, 0
+    while start < depth:
+        ids = range(start, min(start + window, depth))
+        new = [(j, k) for j in ids for k in ids if (j, k) not in seen]
+        for pair in new:
+            seen.add(pair)
+            out.append((*pair, layer_id))
+        if new:
+            layer_id += 1
+        start += stride
+    return out
+
+
+def unpaired_stitching(front_depth: int, end_depth: int) -> list[tuple[int, int, int]]:
+    """Stitches between anchors of unequal depth: ``(front_block, end_block, layer_id)``.
+
+    End block i maps to front block floor(i * d_front / d_end); a stitch runs front blocks 0..idx
+    and end blocks i.. for every end block i > idx mapped to idx (never i = 0). One stitching layer
+    per front block. ResNet-18/50 stages 1-2: 3 + 5 stitches (10 configurations with the anchors).
+    """
+    out = []
+    for i in range(1, end_depth):
+        idx = (i * front_depth) // end_depth
+        if idx < i:
+            out.append((idx, i, idx))
+    return out
+
+
+@dataclass(frozen=True)
+class StitchConfig:
+    """One configuration: an anchor (``end is None``) or front[:front_blocks] -> layer -> end[end_start:]."""
+
+    name: str
+    front: int  # anchor index (sorted small -> large)
+    front_blocks: int  # number of front blocks run (0..front_blocks-1)
+    end: int | None = None
+    end_start: int = 0
+    stage: int = 0
+    layer: str | None = None  # key of the stitching layer
+
+    @property
+    def is_anchor(self) -> bool:
+        return self.end is None
+
+
+def _allowed(stage: int, front_block: int, stages: Sequence[int] | None, blocks: Sequence[int] | None) -> bool:
+    return (stages is None or stage in stages) and (blocks is None or front_block in blocks)
+
+
+def _same_grid(kind: Kind, front_out: tuple[int, ...], end_in: tuple[int, ...]) -> bool:
+    """Same H x W (feature maps, C x H x W) or same token count (tokens, T x C)."""
+    return front_out[1:] == end_in[1:] if kind == "cnn" else front_out[0] == end_in[0]
+
+
+def enumerate_stitches(parts: Sequence[AnchorParts], names: Sequence[str], shapes: Sequence[list[tuple[int, ...]]],
+                       window: int = 2, stride: int = 1, stages: Sequence[int] | None = None,
+                       front_blocks: Sequence[int] | None = None) -> list[StitchConfig]:
+    """Anchors (sorted small -> large) plus Fast-to-Slow stitches between neighbouring anchors.
+
+    Stitches are grouped by stage (CNN) and use the paired rule when both anchors have the same
+    number of blocks in that stage, the unpaired rule otherwise. A stitch is kept only if the
+    front block's output has the resolution/token count the end block expects (its input),
+    since a 1x1 conv / linear cannot resample. ``stages`` and ``front_blocks`` (flat indices)
+    restrict where stitches may start.
+    """
+    configs = [StitchConfig(name=names[i], front=i, front_blocks=len(p.blocks)) for i, p in enumerate(parts)]
+    for a in range(len(parts) - 1):
+        b = a + 1
+        front, end = parts[a], parts[b]
+        for stage in sorted(set(front.stages) & set(end.stages)):
+            f_idx = [i for i, s in enumerate(front.stages) if s == stage]
+            e_idx = [i for i, s in enumerate(end.stages) if s == stage]
+            rule = "p" if len(f_idx) == len(e_idx) else "u"
+            local = (paired_stitching(len(f_idx), window, stride) if rule == "p"
+                     else unpaired_stitching(len(f_idx), len(e_idx)))
+            for j_loc, k_loc, layer_id in local:
+                j, k = f_idx[j_loc], e_idx[k_loc]
+                if not _allowed(stage, j, stages, front_blocks):
+                    continue
+                # shapes[.][0] is the embed output, so shapes[b][k] is the input of end block k
+                if not _same_grid(front.kind, shapes[a][j + 1], shapes[b][k]):
+                    continue
+                # Positions share a layer (per window / front block) only when its shape fits them all.
+                dim = 0 if front.kind == "cnn" else -1
+                in_dim, out_dim = shapes[a][j + 1][dim], shapes[b][k][dim]
+                configs.append(StitchConfig(
+                    name=f"{names[a]}[:{j + 1}]->{names[b]}[{k}:]", front=a, front_blocks=j + 1, end=b, end_start=k,
+                    stage=stage, layer=f"a{a}_s{stage}_{rule}{layer_id}_{in_dim}x{out_dim}"))
+    return configs
+
+
+def make_stitch_layer(kind: Kind, in_dim: int, out_dim: int) -> nn.Module:
+    """1x1 conv with bias on feature maps, linear with bias on tokens."""
+    return nn.Conv2d(in_dim, out_dim, kernel_size=1, bias=True) if kind == "cnn" else nn.Linear(in_dim, out_dim)
+
+
+def build_stitch_layers(parts: Sequence[AnchorParts], shapes: Sequence[list[tuple[int, ...]]],
+                        configs: Sequence[StitchConfig]) -> nn.ModuleDict:
+    layers = nn.ModuleDict()
+    for c in configs:
+        if c.is_anchor or c.layer in layers:
+            continue
+        kind = parts[c.front].kind
+        dim = 0 if kind == "cnn" else -1
+        in_dim = shapes[c.front][c.front_blocks][dim]
+        out_dim = shapes[c.end][c.end_start][dim]
+        layers[c.layer] = make_stitch_layer(kind, in_dim, out_dim)
+    return layers
+
+
+class StitchedNet(nn.Module):
+    """A standalone stitch: embed, front blocks, stitching layer, end blocks, head."""
+
+    def __init__(self, embed: nn.Module, front_blocks: Sequence[nn.Module], stitch: nn.Module | None,
+                 end_blocks: Sequence[nn.Module], head: nn.Module):
+        super().__init__()
+        self.embed = embed
+        self.front = nn.Sequential(*front_blocks)
+        self.stitch = stitch if stitch is not None else nn.Identity()
+        self.end = nn.Sequential(*end_blocks)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.end(self.stitch(self.front(self.embed(x)))))
+
+
+def assemble(parts: Sequence[AnchorParts], layers: nn.ModuleDict, config: StitchConfig,
+             standalone: bool = False) -> StitchedNet:
+    """The network of one configuration; shares the supernet's modules unless ``standalone``.
+
+    A standalone stitch is a deep copy holding only the blocks it runs (eval mode, CPU), so it
+    exports to ONNX and its latency/size are those of the deployed model.
+    """
+    front = parts[config.front]
+    if config.is_anchor:
+        net = StitchedNet(front.embed, front.blocks, None, [], front.head)
+    else:
+        end = parts[config.end]
+        net = StitchedNet(front.embed, front.blocks[:config.front_blocks], layers[config.layer],
+                          end.blocks[config.end_start:], end.head)
+    if standalone:
+        net = copy.deepcopy(net).cpu().eval()
+    return net
