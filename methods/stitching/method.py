@@ -36,13 +36,7 @@ from podium.methods.families import AnchorParts
 from podium.methods.losses import hard_distillation
 from podium.methods.pareto import pareto_front
 from podium.methods.stitching.init import init_stitch_layers
-from podium.methods.stitching.space import (
-    StitchConfig,
-    assemble,
-    build_stitch_layers,
-    enumerate_stitches,
-    probe_shapes,
-)
+from podium.methods.stitching.space import StitchConfig, assemble, build_stitch_layers, enumerate_stitches, probe_shapes
 from podium.methods.train import TrainConfig, evaluate, fit, pick_device, recalibrate_bn
 
 log = logging.getLogger("podium.stitching")
