@@ -11,8 +11,10 @@ import logging
 import tempfile
 from pathlib import Path
 
+import torch
 from prefect import task
 from safetensors.torch import load_file
+from torch import nn
 
 from podium.config import AnchorConfig
 from podium.errors import AnchorError
@@ -74,8 +76,16 @@ def _from_checkpoint(ctx: RunContext, acfg: AnchorConfig, data: DataBundle) -> A
     return Anchor(acfg.name, model.eval(), f"checkpoint:{acfg.checkpoint}", dict(acfg.arch))
 
 
+def initial_model(acfg: AnchorConfig, data: DataBundle, pretrained: bool = False) -> nn.Module:
+    """The anchor before training, initialised from its own seed: the weights never depend on what
+    else this process drew from torch's global generator before (they did: two demo runs trained
+    different anchors, and every stitch built on them differed too)."""
+    torch.manual_seed(acfg.train.seed)
+    return build(acfg.arch, data.num_classes, data.input_spec.channels, pretrained=pretrained)
+
+
 def _train(ctx: RunContext, acfg: AnchorConfig, data: DataBundle, pretrained: bool) -> Anchor:
-    model = build(acfg.arch, data.num_classes, data.input_spec.channels, pretrained=pretrained)
+    model = initial_model(acfg, data, pretrained)
     env, checkpoints = training_env_for(ctx, _training_key(ctx, acfg, data))
     with training_env(env):
         model.to(pick_device())

@@ -8,7 +8,7 @@ import torch
 from podium.config import AnchorConfig, parse_config
 from podium.methods.export import save_weights
 from podium.methods.families import build
-from podium.tasks.anchors import AnchorError, _from_checkpoint
+from podium.tasks.anchors import AnchorError, _from_checkpoint, initial_model
 from podium.tasks.common import RunContext
 
 TINY = {"family": "resnet", "layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}
@@ -42,6 +42,16 @@ def test_s3_checkpoint_loads_the_same_weights(tmp_path, digits, s3):
     assert loaded.keys() == source.state_dict().keys()
     for key, value in source.state_dict().items():
         assert torch.equal(loaded[key], value), key
+
+
+def test_an_anchor_starts_from_its_own_seed_whatever_was_drawn_before(digits):
+    acfg = AnchorConfig(name="tiny", arch=TINY)
+    first = initial_model(acfg, digits).state_dict()
+    torch.rand(1000)  # another task (or library) drew from the global generator in between
+    again = initial_model(acfg, digits).state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    other = initial_model(AnchorConfig(name="tiny", arch=TINY, train={"seed": 1}), digits).state_dict()
+    assert not torch.equal(first["conv1.weight"], other["conv1.weight"])
 
 
 def test_missing_or_mismatched_checkpoint_is_one_line(tmp_path, digits):
