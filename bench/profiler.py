@@ -1,9 +1,9 @@
 """How repeatable is the profiler? The same model measured in fresh processes.
 
-A small timm ResNet (``methods.families.build``, random weights) and its ONNX export are measured
-``--runs`` times, each time in a new Python process (a tiny script that builds the model, loads the
-same safetensors weights, calls ``methods.profiling.measure`` once and prints JSON), for runtime
-torch and onnxruntime at 1 and 2 threads, with the profiler's default stopping rule. Per candidate
+A small timm ResNet (``methods.families.build``, random weights) and each registered runtime's
+artifact of it (``methods.runtimes``) are measured ``--runs`` times, each time in a new Python process
+(a tiny script that builds the model, loads the same safetensors weights, calls
+``methods.profiling.measure`` once and prints JSON), for every runtime at 1 and 2 threads, with the profiler's default stopping rule. Per candidate
 (runtime x threads) it prints p50 of every run, the spread max/min of those p50s, and the mean wall
 time of one ``measure`` call (warm-up + repeats, not process start-up).
 
@@ -37,7 +37,7 @@ torch.set_num_threads(threads)
 model = load_weights(build({arch!r}, num_classes=10, in_chans=3), {weights!r}).eval()
 profile = DeviceProfile(name="bench", runtime=runtime, threads=threads, batch_size=1, latency_budget_ms=1000)
 start = time.perf_counter()
-stats = measure(model, (3, size, size), profile, artifact=Path({onnx!r}) if runtime == "onnxruntime" else None)
+stats = measure(model, (3, size, size), profile, artifact=Path(sys.argv[4]) if sys.argv[4] else None)
 wall = time.perf_counter() - start
 print(json.dumps({{"stats": stats.as_dict(), "wall_s": wall}}))
 """
@@ -51,25 +51,30 @@ def main() -> None:
 
     import torch
 
-    from podium.methods.export import export_onnx, save_weights
+    from podium.methods.export import save_weights
     from podium.methods.families import build
+    from podium.methods.runtimes import RUNTIMES
 
     with tempfile.TemporaryDirectory(prefix="podium-bench-profiler-") as tmp:
         torch.manual_seed(0)
         model = build(ARCH, num_classes=10, in_chans=3).eval()
-        weights, onnx = save_weights(model, Path(tmp) / "w.safetensors"), Path(tmp) / "m.onnx"
-        export_onnx(model, (3, args.size, args.size), onnx)
+        weights = save_weights(model, Path(tmp) / "w.safetensors")
+        artifacts = {}  # each runtime's own artifact, exported once ("" = the module itself)
+        for name, runtime in RUNTIMES.items():
+            source = runtime.export(model, (3, args.size, args.size), Path(tmp) / name)
+            artifacts[name] = "" if isinstance(source, torch.nn.Module) else str(source)
         script = Path(tmp) / "measure_once.py"
-        script.write_text(CHILD.format(repo=str(REPO), arch=ARCH, weights=str(weights), onnx=str(onnx)))
+        script.write_text(CHILD.format(repo=str(REPO), arch=ARCH, weights=str(weights)))
 
         print(f"model: {ARCH} input 3x{args.size}x{args.size}, batch 1, {args.runs} fresh processes each")
         print(f"{'runtime':<12} {'threads':>7}  {'p50 per run (ms)':<44} {'max/min':>7} {'runs/meas':>9} "
               f"{'wall s/measure':>14}")
-        for runtime in ("torch", "onnxruntime"):
+        for runtime in artifacts:
             for threads in (1, 2):
                 p50s, walls, repeats = [], [], []
                 for _ in range(args.runs):
-                    out = subprocess.run([sys.executable, str(script), runtime, str(threads), str(args.size)],
+                    out = subprocess.run([sys.executable, str(script), runtime, str(threads), str(args.size),
+                                          artifacts[runtime]],
                                          capture_output=True, text=True, timeout=300, check=True)
                     row = json.loads(out.stdout.strip().splitlines()[-1])
                     p50s.append(row["stats"]["p50_ms"])

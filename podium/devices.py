@@ -14,6 +14,7 @@ from podium import infra
 from podium.errors import DeviceError
 from podium.methods.base import StrictModel
 from podium.methods.profiling import DeviceProfile
+from podium.methods.runtimes import RUNTIMES, get_runtime
 
 DEFAULT_INVENTORY = Path(infra.__file__).with_name("devices.yaml")
 
@@ -44,4 +45,9 @@ def select_devices(inventory: dict[str, DeviceProfile], names: list[str], source
     unknown = [n for n in names if n not in inventory]
     if unknown:
         raise DeviceError(f"{source}: unknown device {unknown[0]!r}; known devices: {', '.join(sorted(inventory))}")
+    for name in names:  # a device measured here needs its runtime here (a work-pool device brings its own)
+        device = inventory[name]
+        if not device.work_pool and not get_runtime(device.runtime).available():
+            raise DeviceError(f"{source}: device {name!r} uses runtime {device.runtime!r}, which is not installed "
+                              f"here (available: {', '.join(n for n, r in RUNTIMES.items() if r.available())})")
     return [inventory[n] for n in names]

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
+import tempfile
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +25,9 @@ from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from torch import nn
 
-from podium.files import atomic_path, atomic_write_text, sha256_file
+from podium.files import TMP_MARK, atomic_path, atomic_write_text, sha256_file
 from podium.methods.base import Candidate
 from podium.methods.export import export_onnx, save_weights
 from podium.methods.profiling import DeviceProfile, LatencyStats, measure
@@ -46,10 +49,21 @@ class ExportedModel:
     weights: Path
     input_shape: tuple[int, int, int]
 
-    def artifact(self, runtime: str) -> Path | None:
-        """The file ``runtime`` runs from (None: it runs the module itself)."""
-        name = get_runtime(runtime).artifact_name
-        return None if name is None else {"model.onnx": self.onnx, "weights.safetensors": self.weights}[name]
+    def artifact(self, runtime: str, model: nn.Module) -> Path | None:
+        """The file ``runtime`` runs from (None: it runs the module itself), exported on first use
+        into the same content-addressed folder. A runtime's artifact may be several files: they are
+        written to a temp folder and moved in with the named file last, so it exists only complete."""
+        rt = get_runtime(runtime)
+        if rt.artifact_name is None:
+            return None
+        folder = self.onnx.parent
+        target = folder / rt.artifact_name
+        if not target.exists():
+            with tempfile.TemporaryDirectory(dir=folder, prefix=TMP_MARK) as tmp:
+                rt.export(model, self.input_shape, Path(tmp))
+                for path in sorted(Path(tmp).iterdir(), key=lambda p: p.name == rt.artifact_name):
+                    os.replace(path, folder / path.name)
+        return target
 
 
 @dataclass
@@ -135,7 +149,7 @@ def profile_candidates(ctx: RunContext, offers: dict[str, list[Candidate]], devi
             measured = cache.get(key)
             if measured is None:
                 measured = measure(member.candidate.model, member.export.input_shape, device,
-                                   artifact=member.export.artifact(device.runtime))
+                                   artifact=member.export.artifact(device.runtime, member.candidate.model))
                 cache.put(key, measured)
             member.stats[device.name] = measured
         log.info("profiled %d candidates on %s", len(offered), device.name)

@@ -81,3 +81,17 @@ def test_unknown_device_and_impossible_budget(tmp_path):
     bad.write_text(yaml.safe_dump({"devices": [{"name": "x", "latency_budget_ms": -1}]}))
     with pytest.raises(DeviceError, match="devices.0.latency_budget_ms"):
         load_inventory(bad)
+
+
+def test_a_device_whose_runtime_is_not_installed_fails_at_config_time(monkeypatch):
+    """One line before any work; a work-pool device is measured on its own machine, so it is exempt."""
+    from podium.methods.runtimes import get_runtime
+
+    inventory = load_inventory()
+    assert [d.name for d in select_devices(inventory, ["cpu-1t-openvino"], "cfg.yaml")] == ["cpu-1t-openvino"]
+    monkeypatch.setattr(type(get_runtime("openvino")), "available", lambda self: False)
+    with pytest.raises(DeviceError, match=r"^cfg.yaml: device 'cpu-1t-openvino' uses runtime 'openvino', which is "
+                                          r"not installed here \(available: torch, onnxruntime\)$"):
+        select_devices(inventory, ["cpu-1t", "cpu-1t-openvino"], "cfg.yaml")
+    remote = {"edge": inventory["cpu-1t-openvino"].model_copy(update={"name": "edge", "work_pool": "edge-pool"})}
+    assert select_devices(remote, ["edge"], "cfg.yaml")[0].work_pool == "edge-pool"

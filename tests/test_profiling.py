@@ -38,7 +38,7 @@ def test_every_runtime_runs_its_own_artifact_like_pytorch(tmp_path):
     x = torch.randn(3, 1, 32, 32)
     with torch.no_grad():
         expected = model(x).numpy()
-    assert {"torch", "onnxruntime"} <= set(RUNTIMES)
+    assert {"torch", "onnxruntime", "openvino"} <= set(RUNTIMES) and all(r.available() for r in RUNTIMES.values())
     for name, runtime in RUNTIMES.items():
         artifact = runtime.export(model, (1, 32, 32), tmp_path / name)
         with runtime.open(artifact, threads=1) as session:
@@ -93,3 +93,27 @@ def test_candidate_identity_is_the_model_not_its_provenance(tmp_path, monkeypatc
         (member,) = profile_task.profile_candidates.fn(ctx, {"t": [cand]}, [device])
         assert member.stats["t"].runs == 3
     assert len(exports) == 1 and len(measures) == 1
+
+
+def test_a_runtime_artifact_is_exported_once_beside_the_onnx_and_measured_there(tmp_path):
+    """An OpenVINO device: the candidate's IR (model.xml + model.bin) is written into its export folder on
+    first use, complete or not at all, and the device's stats say openvino."""
+    import podium.tasks.profile as profile_task
+    from podium.config import AnchorConfig, PodiumConfig, RuntimeConfig, StoreConfig
+    from podium.methods.base import Candidate
+    from podium.tasks.common import RunContext
+
+    cfg = PodiumConfig(anchors=[AnchorConfig(name="a", arch=TINY)], store=StoreConfig(uri=str(tmp_path / "store")),
+                       runtime=RuntimeConfig(cache_dir=str(tmp_path / "cache")))
+    ctx = RunContext(cfg=cfg, project_dir=str(tmp_path), run_id="r", git_sha="g")
+    cand = Candidate("a", "anchor", {}, build(TINY, 10, 1).eval(), (16, 16), {"val_acc": 0.5}, in_chans=1)
+    device = DeviceProfile(name="ov", runtime="openvino", threads=1, latency_budget_ms=100, warmup=1,
+                           min_repeats=3, max_repeats=3)
+    (member,) = profile_task.profile_candidates.fn(ctx, {"ov": [cand]}, [device])
+    assert member.stats["ov"].runtime == "openvino" and member.stats["ov"].runs == 3
+    folder = member.export.onnx.parent
+    assert sorted(p.name for p in folder.iterdir()) == ["model.bin", "model.onnx", "model.xml", "weights.safetensors"]
+    xml = (folder / "model.xml").stat().st_mtime_ns
+    assert member.export.artifact("openvino", cand.model) == folder / "model.xml"  # reused, not exported again
+    assert (folder / "model.xml").stat().st_mtime_ns == xml
+    assert member.export.artifact("torch", cand.model) is None  # eager runs the module itself
