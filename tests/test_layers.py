@@ -77,3 +77,16 @@ def test_no_generic_top_level_package_is_installed(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "", f"generic packages importable: {out.stdout.strip()}"
+
+
+def test_every_package_folder_is_listed_for_installation() -> None:
+    """A wheel (not only the editable install) must carry every sub-package: pyproject lists them."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"podium"}
+    for folder, package in FOLDERS.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO / folder).parts
+            found.add(".".join([package, *rel]))
+    assert found == listed, f"missing: {sorted(found - listed)}; stale: {sorted(listed - found)}"
