@@ -11,12 +11,12 @@ lists its space without training, as rows of plain values.
 """
 from __future__ import annotations
 
-import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from podium.files import files_digest
 from podium.methods.base import AnchorSpec, DataShape, StrictModel
 
 Describe = Callable[[Any, DataShape, Sequence[AnchorSpec]], list[dict[str, Any]]]
@@ -31,21 +31,14 @@ class MethodEntry:
 
     @property
     def source_files(self) -> list[Path]:
-        """The method's own source: its module, or every file of its package."""
+        """The method's own source: its module, or every file of its package (``methods/<name>/``)."""
         module = sys.modules[self.method.__module__]
         path = Path(module.__file__)
-        package = module.__name__.rsplit(".", 1)[0]
-        if path.name != "__init__.py" and sys.modules[package].__file__.endswith("__init__.py") \
-                and package != "podium.methods":
-            path = Path(sys.modules[package].__file__)
-        return sorted(path.parent.glob("*.py")) if path.name == "__init__.py" else [path]
+        return [path] if module.__package__ == "podium.methods" else sorted(path.parent.glob("*.py"))
 
     def source_digest(self) -> str:
         """Changes with any line of the method's code (part of its training cache key)."""
-        digest = hashlib.sha256()
-        for path in self.source_files:
-            digest.update(path.name.encode() + b"\0" + path.read_bytes())
-        return digest.hexdigest()[:16]
+        return files_digest(self.source_files)
 
 
 METHODS: dict[str, MethodEntry] = {}

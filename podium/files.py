@@ -13,7 +13,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 TMP_MARK = ".podium-tmp-"
 CHUNK = 1 << 20
@@ -72,3 +72,12 @@ def size_and_sha256(path: Path | str) -> tuple[int, str]:
 
 def sha256_file(path: Path | str) -> str:
     return size_and_sha256(path)[1]
+
+
+def files_digest(paths: Iterable[Path | str]) -> str:
+    """A short digest of several files' names and contents (source code in cache keys)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        path = Path(path)
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]

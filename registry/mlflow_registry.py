@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
-from mlflow.entities.model_registry import ModelVersion  # noqa: F401  (the type callers get back)
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from podium.errors import RegistryError, first_line

@@ -17,6 +17,7 @@ from torch import nn
 
 from podium.config import PodiumConfig
 from podium.errors import RegistryError, StoreError
+from podium.files import files_digest
 from podium.methods.base import Candidate, DataBundle
 from podium.methods.checkpoint import TrainingEnv, checkpoint_file_name
 from podium.registry.mlflow_registry import ModelRegistry
@@ -127,10 +128,7 @@ def candidate_digest(candidate: Candidate) -> str:
 
 def source_digest(*objects: Any) -> str:
     """Digest of the source files defining ``objects`` (so code changes invalidate caches)."""
-    digest = hashlib.sha256()
-    for obj in objects:
-        digest.update(Path(inspect.getsourcefile(obj)).read_bytes())
-    return digest.hexdigest()[:16]
+    return files_digest(inspect.getsourcefile(obj) for obj in objects)
 
 
 # ---------------------------------------------------------------------------------------------
