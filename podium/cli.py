@@ -59,8 +59,10 @@ def validate(config: Path = typer.Option(Path("configs/demo.yaml")), project_dir
         from podium.validation import validate_dataset
 
         cfg, _devices = load_run_config(str(config))
-        report = validate_dataset(project_dir / cfg.data.path, classes=cfg.data.classes,
-                                  min_per_class=cfg.data.min_per_class)
+        data = cfg.data
+        report = validate_dataset(project_dir / data.path, classes=data.classes, min_per_class=data.min_per_class,
+                                  min_side=data.min_side, max_pixels=data.max_pixels, workers=data.num_workers,
+                                  facts_cache=project_dir / cfg.runtime.cache_dir / "validation" / "facts.sqlite")
         report.raise_for_failures()
         typer.echo(f"{config}: config valid; dataset {cfg.data.path} passed validation")
 

@@ -1,19 +1,25 @@
 """Dataset validation with Great Expectations: the files on disk, not just the manifest.
 
-:func:`scan_files` reads every file under ``root/{train,val,test}/<label>/`` into a dataframe
-(path, label, split, sha256, decodable, height, width, channels, size_bytes, plus derived
-columns), so an image corrupted or swapped after export is caught. :func:`validate_dataset`
-runs one ExpectationSuite over it in an ephemeral GE context (no files written) and returns a
-:class:`ValidationReport`; ``raise_for_failures()`` turns failures into a one-line
-:class:`DataValidationError`.
+:func:`scan_files` lists every image under ``root/{train,val,test}/<label>/`` and builds its facts
+table: content sha256, bytes, declared width / height / mode, whether it fully decodes, whether it
+declares more than ``max_pixels`` pixels (a decompression bomb: refused from its header, never
+decoded). The facts come from :mod:`podium.facts`: computed in parallel processes and cached in
+SQLite by file identity, so re-validating an unchanged dataset reads no image and a changed file
+re-checks only itself. Derived columns say what no single file can: a content hash seen in more
+than one split (``leaked``), the class count of each row's split, each split's labels.
 
-Great Expectations takes seconds to import, so it is imported inside :func:`validate_dataset`.
+:func:`validate_dataset` runs one ExpectationSuite over that table in an ephemeral GE context (no
+files written) and returns a :class:`ValidationReport`; ``raise_for_failures()`` turns failures
+into a one-line :class:`DataValidationError` naming example files. Images of any size and of any
+mode :mod:`podium.images` can convert are valid. Great Expectations takes seconds to import, so it
+is imported inside :func:`validate_dataset`.
 
 :func:`validate_dataset_cached` reuses a passing report when nothing that decides the outcome has
 changed: it is keyed on the DVC data hash, a fingerprint of every file under the root (relative path,
-size, mtime), the declared classes, ``min_per_class``, this module's and :mod:`podium.data`'s source,
-and the Great Expectations and Pillow versions. A re-run on unchanged data then neither scans the
-files nor imports Great Expectations; any change to a file, the suite or its parameters runs it again.
+size, mtime), the declared classes, the suite's parameters, the validation and decoder source and
+the Great Expectations and Pillow versions. A re-run on unchanged data then neither computes facts
+nor imports Great Expectations; otherwise the facts cache under ``cache_dir/validation/`` limits the
+work to the files that changed.
 """
 from __future__ import annotations
 
@@ -21,21 +27,22 @@ import hashlib
 import json
 import logging
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
-from PIL import Image
 
-from podium.data import SPLITS, class_sort_key, decoded_channels, image_files
+from podium import facts as file_facts
+from podium.data import SPLITS, class_sort_key, image_files
 from podium.errors import DataValidationError
-from podium.files import atomic_write_text, sha256_bytes
+from podium.files import atomic_write_text
+from podium.images import CONVERTIBLE_MODES, DEFAULT_MAX_PIXELS, decoded_channels
 
 log = logging.getLogger("podium.validation")
 
 MAX_EXAMPLES = 5
+FACTS_TABLE = ("path", "split", "label", *file_facts.FACT_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -56,17 +63,21 @@ class ValidationFailure:
 
 @dataclass
 class ValidationReport:
-    """The outcome of :func:`validate_dataset` for ``root``."""
+    """The outcome of :func:`validate_dataset` for ``root``; ``facts_computed`` files were read and
+    decoded, ``facts_reused`` came from the facts cache."""
 
     root: str
     success: bool
     failures: list[ValidationFailure]
     rows: int
     result: dict[str, Any]  # the GE validation result, JSON-able
+    facts_computed: int = 0
+    facts_reused: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The GE result (JSON-able), plus the dataset root and a short failure list on top."""
         return {"root": self.root, "success": self.success, "rows": self.rows,
+                "facts": {"computed": self.facts_computed, "reused": self.facts_reused},
                 "failures": [f.line() for f in self.failures], "great_expectations": self.result}
 
     def summary(self) -> str:
@@ -78,8 +89,10 @@ class ValidationReport:
         """A passing report back from :meth:`to_json` (failures are never cached, so there are none)."""
         if not doc["success"] or doc.get("failures"):
             raise ValueError("only passing reports are read back")
+        counts = doc.get("facts") or {}
         return cls(root=str(doc["root"]), success=True, failures=[], rows=int(doc["rows"]),
-                   result=dict(doc["great_expectations"]))
+                   result=dict(doc["great_expectations"]), facts_computed=int(counts.get("computed", 0)),
+                   facts_reused=int(counts.get("reused", 0)))
 
     def raise_for_failures(self) -> None:
         if not self.success:
@@ -87,68 +100,61 @@ class ValidationReport:
                 f.line() for f in self.failures))
 
 
-def _describe_file(path: Path) -> dict[str, Any]:
-    """Hash and fully decode one file. ``verify()`` checks the PNG chunk CRCs (bit flips) and
-    ``load()`` decodes every pixel (truncation); an image must pass both to be decodable."""
-    data = path.read_bytes()
-    row: dict[str, Any] = {"sha256": sha256_bytes(data), "size_bytes": len(data), "decodable": False,
-                           "height": None, "width": None, "channels": None}
-    try:
-        import io
-
-        with Image.open(io.BytesIO(data)) as img:
-            img.verify()
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            row.update(decodable=True, width=img.size[0], height=img.size[1], channels=decoded_channels(img.mode))
-    except Exception:
-        pass
-    return row
-
-
-def scan_files(root: Path | str) -> pd.DataFrame:
-    """One row per file under ``root/{split}/``; raises DataValidationError if a folder is missing.
-
-    Files placed directly in a split folder (no label folder) get a null label. Derived columns:
-    ``leaked`` (the same bytes appear in more than one split), ``train_label`` (label, train rows
-    only) and ``train_class_count`` (train examples of the row's class, train rows only).
-    """
-    root = Path(root)
+def _listing(root: Path) -> list[tuple[str, str, str | None]]:
+    """(dataset-relative path, split, label) of every image; raises if a folder is missing."""
     if not root.is_dir():
         raise DataValidationError(f"dataset directory {root} does not exist")
     missing = [split for split in SPLITS if not (root / split).is_dir()]
     if missing:
         raise DataValidationError(f"dataset {root} has no {', '.join(s + '/' for s in missing)} folder "
                                   f"(expected {root}/{{train,val,test}}/<label>/<image>)")
-    records = []
+    listing = []
     for split in SPLITS:
         split_dir = root / split
         for path in image_files(split_dir):
             parts = path.relative_to(split_dir).parts
-            records.append({"path": path.relative_to(root).as_posix(), "split": split,
-                            "label": parts[0] if len(parts) > 1 else None, **_describe_file(path)})
-    columns = ["path", "label", "split", "sha256", "decodable", "height", "width", "channels", "size_bytes"]
-    df = pd.DataFrame.from_records(records, columns=columns)
-    for col in ("height", "width", "channels", "size_bytes"):
+            listing.append((path.relative_to(root).as_posix(), split, parts[0] if len(parts) > 1 else None))
+    return listing
+
+
+def _scan(root: Path, max_pixels: int, workers: int | None, facts_cache: Path | str | None
+          ) -> tuple[pd.DataFrame, int, int]:
+    listing = _listing(root)
+    facts, computed, reused = file_facts.collect_facts(root, [rel for rel, _, _ in listing], max_pixels,
+                                                       workers, facts_cache)
+    df = pd.DataFrame.from_records([(*entry, *fact) for entry, fact in zip(listing, facts)], columns=FACTS_TABLE)
+    for col in ("size_bytes", "width", "height"):
         df[col] = df[col].astype("Int64")
-    df["decodable"] = df["decodable"].astype(bool)
+    for col in ("decodable", "too_large"):
+        df[col] = df[col].astype(bool)
+    decodable = df["decodable"]
+    df["channels"] = df["mode"].map(decoded_channels, na_action="ignore").where(decodable).astype("Int64")
+    df["min_side"] = df[["width", "height"]].min(axis=1).where(decodable).astype("Int64")
     splits_per_hash = df.groupby("sha256")["split"].nunique()
     df["leaked"] = df["sha256"].map(splits_per_hash).fillna(0).astype(int) > 1
-    is_train = df["split"] == "train"
-    df["train_label"] = df["label"].where(is_train)
-    counts = df.loc[is_train, "label"].value_counts()
-    df["train_class_count"] = df["label"].map(counts).where(is_train).astype("Int64")
-    return df
+    df["class_count_in_split"] = df.groupby(["split", "label"])["path"].transform("size").where(
+        df["label"].notna()).astype("Int64")
+    for split in SPLITS:
+        df[f"{split}_label"] = df["label"].where(df["split"] == split)
+    return df, computed, reused
 
 
-def _mode(series: pd.Series) -> Any:
-    values = series.dropna()
-    return Counter(values.tolist()).most_common(1)[0][0] if len(values) else None
+def scan_files(root: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None,
+               facts_cache: Path | str | None = None) -> pd.DataFrame:
+    """The facts table of ``root``: one row per image under ``root/{split}/``; raises
+    DataValidationError if a folder is missing.
+
+    Columns: path (dataset-relative, posix), split, label (null for a file directly in a split
+    folder), sha256, size_bytes, width, height, mode, decodable, too_large, error; derived:
+    ``channels`` and ``min_side`` (decodable rows only), ``leaked`` (the same bytes in more than
+    one split), ``class_count_in_split`` (rows of the row's class in its split) and
+    ``<split>_label`` (label, that split's rows only). ``workers`` and ``facts_cache`` as in
+    :func:`podium.facts.collect_facts`.
+    """
+    return _scan(Path(root), max_pixels, workers, facts_cache)[0]
 
 
-def _expectations(df: pd.DataFrame, class_set: list[str], min_per_class: int) -> list[Any]:
-    """The suite. Shape consistency is "every image has the most common value", so the report
-    names the odd images out rather than just saying "2 distinct heights"."""
+def _expectations(class_set: list[str], min_per_class: int, min_side: int) -> list[Any]:
     import great_expectations.expectations as gxe
 
     suite: list[Any] = [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in ("path", "label", "split", "sha256")]
@@ -156,18 +162,16 @@ def _expectations(df: pd.DataFrame, class_set: list[str], min_per_class: int) ->
         gxe.ExpectColumnValuesToBeInSet(column="label", value_set=class_set),
         gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
         gxe.ExpectColumnValuesToBeBetween(column="size_bytes", min_value=1),
+        gxe.ExpectColumnValuesToBeInSet(column="too_large", value_set=[False]),
         gxe.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True]),
-    ]
-    for col in ("height", "width", "channels"):
-        common = _mode(df.loc[df["decodable"], col])
-        if common is not None:
-            suite.append(gxe.ExpectColumnValuesToBeInSet(column=col, value_set=[int(common)]))
-    suite += [
+        gxe.ExpectColumnValuesToBeInSet(column="mode", value_set=sorted(CONVERTIBLE_MODES)),
+        gxe.ExpectColumnValuesToBeBetween(column="min_side", min_value=min_side),
         gxe.ExpectColumnValuesToBeInSet(column="leaked", value_set=[False]),
         gxe.ExpectColumnDistinctValuesToContainSet(column="split", value_set=list(SPLITS)),
-        gxe.ExpectColumnDistinctValuesToContainSet(column="train_label", value_set=class_set),
-        gxe.ExpectColumnValuesToBeBetween(column="train_class_count", min_value=min_per_class),
     ]
+    suite += [gxe.ExpectColumnDistinctValuesToContainSet(column=f"{split}_label", value_set=class_set)
+              for split in SPLITS]
+    suite.append(gxe.ExpectColumnValuesToBeBetween(column="class_count_in_split", min_value=min_per_class))
     return suite
 
 
@@ -192,7 +196,7 @@ def _failure(result: Any, df: pd.DataFrame) -> ValidationFailure:
     if error:  # the expectation itself could not run (GE error): report it rather than a bogus count
         return ValidationFailure(config.type, column, 0, [f"error: {error}".splitlines()[0]])
     if "unexpected_count" in details:
-        indices = details.get("unexpected_index_list") or details.get("partial_unexpected_index_list") or []
+        indices = details.get("partial_unexpected_index_list") or []
         examples = [str(df.at[i, "path"]) for i in indices[:MAX_EXAMPLES] if i in df.index]
         return ValidationFailure(config.type, column, int(details["unexpected_count"]), examples)
     wanted = config.kwargs.get("value_set") or []
@@ -201,18 +205,21 @@ def _failure(result: Any, df: pd.DataFrame) -> ValidationFailure:
     return ValidationFailure(config.type, column, len(missing), [f"missing {v!r}" for v in missing[:MAX_EXAMPLES]])
 
 
-def validate_dataset(root: Path | str, classes: Sequence[str] | None = None, min_per_class: int = 5
-                     ) -> ValidationReport:
+def validate_dataset(root: Path | str, classes: Sequence[str] | None = None, min_per_class: int = 5, *,
+                     min_side: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None,
+                     facts_cache: Path | str | None = None) -> ValidationReport:
     """Scan ``root`` and run the expectation suite; never raises for data problems it can report.
 
     ``classes`` is the declared class set (default: the train split's label folders). Checked:
-    non-null fields, labels in the class set, non-empty and decodable files, one height / width /
-    channel count, no identical file in two splits (leakage), every split non-empty, every class
-    present in train with at least ``min_per_class`` examples. A missing dataset or split folder,
-    or no image at all, raises :class:`DataValidationError` (there is nothing to validate).
+    non-null fields, labels in the class set, non-empty files, no file above ``max_pixels``
+    (reported as such, not as undecodable), decodable files of a convertible mode whose smaller
+    side is at least ``min_side``, no identical file in two splits (leakage), every split
+    non-empty, every class present in every split with at least ``min_per_class`` examples there.
+    ``workers`` / ``facts_cache``: see :func:`podium.facts.collect_facts`. A missing dataset or
+    split folder, or no image at all, raises :class:`DataValidationError`.
     """
     root = Path(root)
-    df = scan_files(root)
+    df, computed, reused = _scan(root, max_pixels, workers, facts_cache)
     if df.empty:
         raise DataValidationError(f"dataset {root} holds no image files")
     if classes:
@@ -220,6 +227,8 @@ def validate_dataset(root: Path | str, classes: Sequence[str] | None = None, min
     else:
         class_set = sorted((p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith(".")),
                            key=class_sort_key)
+    # A refused file was never decoded: it fails too_large only, not decodable as well.
+    checked = df.assign(decodable=df["decodable"].astype(object).where(~df["too_large"], None))
 
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
@@ -230,21 +239,26 @@ def validate_dataset(root: Path | str, classes: Sequence[str] | None = None, min
     batch = (context.data_sources.add_pandas("podium").add_dataframe_asset("files")
              .add_batch_definition_whole_dataframe("all"))
     suite = context.suites.add(gx.ExpectationSuite(name="podium-dataset",
-                                                   expectations=_expectations(df, class_set, min_per_class)))
+                                                   expectations=_expectations(class_set, min_per_class, min_side)))
     definition = context.validation_definitions.add(gx.ValidationDefinition(name="podium-dataset", data=batch,
                                                                             suite=suite))
-    result = definition.run(batch_parameters={"dataframe": df}, result_format="COMPLETE")
-    failures = [_failure(r, df) for r in result.results if not r.success]
+    # SUMMARY, not COMPLETE: a million bad rows must not become a million-entry report
+    result = definition.run(batch_parameters={"dataframe": checked},
+                            result_format={"result_format": "SUMMARY", "partial_unexpected_count": MAX_EXAMPLES})
+    failures = [_failure(r, checked) for r in result.results if not r.success]
     report = ValidationReport(root=str(root), success=bool(result.success) and not failures, failures=failures,
-                              rows=len(df), result=result.to_json_dict())
-    log.info("validated %s: %d files, %s", root, len(df), "passed" if report.success else
-             f"{len(failures)} failed expectation(s)")
+                              rows=len(df), result=result.to_json_dict(), facts_computed=computed,
+                              facts_reused=reused)
+    for row in df.loc[df["error"].notna(), ["path", "error"]].head(MAX_EXAMPLES).itertuples():
+        log.warning("%s: %s", row.path, row.error)
+    log.info("validated %s: %d files (%d checked, %d from the facts cache), %s", root, len(df), computed, reused,
+             "passed" if report.success else f"{len(failures)} failed expectation(s)")
     return report
 
 
 # ----------------------------------------------------------------------------- cached validation
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def files_fingerprint(root: Path | str) -> str:
@@ -273,29 +287,38 @@ def _suite_versions() -> dict[str, str]:
     return {"great_expectations": gx_version, "pillow": PIL.__version__}
 
 
-def validation_key(root: Path | str, data_hash: str, classes: Sequence[str] | None, min_per_class: int) -> str:
+def validation_key(root: Path | str, data_hash: str, classes: Sequence[str] | None, min_per_class: int,
+                   min_side: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
     """Everything the outcome of :func:`validate_dataset` depends on."""
     import podium.data
+    import podium.images
 
-    code = hashlib.sha256(Path(__file__).read_bytes() + Path(podium.data.__file__).read_bytes()).hexdigest()
+    sources = (__file__, file_facts.__file__, podium.images.__file__, podium.data.__file__)
+    code = hashlib.sha256(b"".join(Path(p).read_bytes() for p in sources)).hexdigest()
     doc = {"format": CACHE_FORMAT, "root": str(Path(root).resolve()), "data_hash": data_hash,
            "files": files_fingerprint(root), "classes": [str(c) for c in classes] if classes else None,
-           "min_per_class": int(min_per_class), "code": code, **_suite_versions()}
+           "min_per_class": int(min_per_class), "min_side": int(min_side), "max_pixels": int(max_pixels),
+           "code": code, **_suite_versions()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def validate_dataset_cached(root: Path | str, cache_dir: Path | str, data_hash: str,
-                            classes: Sequence[str] | None = None, min_per_class: int = 5
+                            classes: Sequence[str] | None = None, min_per_class: int = 5, *, min_side: int = 8,
+                            max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None
                             ) -> tuple[ValidationReport, bool]:
     """:func:`validate_dataset`, or the passing report of an identical earlier validation.
 
     Returns ``(report, reused)``. Reports are kept under ``cache_dir/validation/<key>.json`` (see
     :func:`validation_key`); only passing ones are kept, so a failing dataset is always checked afresh.
+    File facts are cached in ``cache_dir/validation/facts.sqlite`` whatever the outcome.
     """
     root = Path(root)
+    options = dict(min_side=min_side, max_pixels=max_pixels, workers=workers,
+                   facts_cache=Path(cache_dir) / "validation" / "facts.sqlite")
     if not root.is_dir():  # nothing to fingerprint: let validate_dataset say what is wrong
-        return validate_dataset(root, classes, min_per_class), False
-    path = Path(cache_dir) / "validation" / f"{validation_key(root, data_hash, classes, min_per_class)}.json"
+        return validate_dataset(root, classes, min_per_class, **options), False
+    key = validation_key(root, data_hash, classes, min_per_class, min_side, max_pixels)
+    path = Path(cache_dir) / "validation" / f"{key}.json"
     if path.is_file():
         try:
             report = ValidationReport.from_json(json.loads(path.read_text()))
@@ -304,7 +327,7 @@ def validate_dataset_cached(root: Path | str, cache_dir: Path | str, data_hash: 
             return report, True
         except (OSError, ValueError, KeyError, TypeError):
             log.warning("unreadable validation cache entry %s: validating again", path)
-    report = validate_dataset(root, classes, min_per_class)
+    report = validate_dataset(root, classes, min_per_class, **options)
     if report.success:
         atomic_write_text(path, json.dumps(report.to_json(), default=str))
     return report, False

@@ -45,7 +45,9 @@ def validate_data(ctx: RunContext, ref: DatasetRef) -> None:
     :func:`podium.validation.validate_dataset_cached`): the run's artifact is that report."""
     report, reused = validate_dataset_cached(Path(ref.root), ctx.cache_path, ref.data_hash,
                                              classes=list(ref.classes) if ref.classes else None,
-                                             min_per_class=ctx.cfg.data.min_per_class)
+                                             min_per_class=ctx.cfg.data.min_per_class,
+                                             min_side=ctx.cfg.data.min_side, max_pixels=ctx.cfg.data.max_pixels,
+                                             workers=ctx.cfg.data.num_workers)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "validation.json"
         path.write_text(json.dumps(report.to_json(), indent=2, default=str))

@@ -3,6 +3,7 @@
 Each ``BAD`` builder damages a copy of a valid ``{train,val,test}/<label>/`` dataset in place and
 returns the dataset-relative path of a file the validator must name (or the missing value).
 ``BAD_CASES`` maps a case name to (builder, expectation type, column) that must fail.
+``MIXED_BUT_VALID`` builders change a dataset in ways that must still pass (other sizes and modes).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from podium.data import SPLITS, export_digits
+from tests.photos import VARIANTS, png_bomb, write_photo
 
 
 def export_clean_digits(dest: Path) -> Path:
@@ -100,16 +102,29 @@ def zero_byte_file(root: Path) -> str:
 
 
 def rgb_among_gray(root: Path) -> str:
-    """Replace one grayscale train image with an RGB one of the same size."""
+    """Replace one grayscale train image with an RGB one of the same size (valid: modes may differ)."""
     path = _first(root, "train", "4")
     write_image(path, (8, 8), "RGB", seed=1)
     return _rel(root, path)
 
 
 def different_size(root: Path) -> str:
+    """Replace a test image with a larger one (valid: sizes may differ)."""
     path = _first(root, "test")
     write_image(path, (16, 16), "L", seed=2)
     return _rel(root, path)
+
+
+def too_small(root: Path) -> str:
+    """Replace a val image with an 8x4 one: its smaller side is below the default ``min_side`` (8)."""
+    path = _first(root, "val")
+    write_image(path, (8, 4), "L", seed=4)
+    return _rel(root, path)
+
+
+def decompression_bomb(root: Path) -> str:
+    """Add a 30000x30000 PNG bomb to train."""
+    return _rel(root, png_bomb(root / "train" / "2" / "bomb.png"))
 
 
 def unknown_label(root: Path) -> str:
@@ -133,22 +148,52 @@ def duplicate_across_splits(root: Path) -> str:
     return _rel(root, dest)
 
 
-def too_few_per_class(root: Path, label: str = "3", keep: int = 2) -> str:
-    """Leave only ``keep`` train examples of one class."""
-    files = sorted((root / "train" / label).glob("*.png"))
+def too_few_per_class(root: Path, label: str = "3", keep: int = 2, split: str = "train") -> str:
+    """Leave only ``keep`` ``split`` examples of one class."""
+    files = sorted((root / split / label).glob("*.png"))
     for path in files[keep:]:
         path.unlink()
     return _rel(root, files[0])
+
+
+def too_few_in_val(root: Path) -> str:
+    return too_few_per_class(root, label="6", keep=2, split="val")
+
+
+def class_missing_from_test(root: Path) -> str:
+    """Delete every test image of one class (train and val still have it)."""
+    for path in (root / "test" / "8").glob("*.png"):
+        path.unlink()
+    return "missing '8'"
 
 
 BAD_CASES: dict[str, tuple[Callable[[Path], str], str, str]] = {
     "truncated_png": (truncate_png, "expect_column_values_to_be_in_set", "decodable"),
     "flipped_byte": (flip_byte, "expect_column_values_to_be_in_set", "decodable"),
     "zero_byte_file": (zero_byte_file, "expect_column_values_to_be_between", "size_bytes"),
-    "rgb_among_gray": (rgb_among_gray, "expect_column_values_to_be_in_set", "channels"),
-    "different_size": (different_size, "expect_column_values_to_be_in_set", "height"),
+    "too_small": (too_small, "expect_column_values_to_be_between", "min_side"),
+    "decompression_bomb": (decompression_bomb, "expect_column_values_to_be_in_set", "too_large"),
     "unknown_label": (unknown_label, "expect_column_values_to_be_in_set", "label"),
     "empty_split": (empty_split, "expect_column_distinct_values_to_contain_set", "split"),
+    "class_missing_from_test": (class_missing_from_test, "expect_column_distinct_values_to_contain_set",
+                                "test_label"),
     "duplicate_across_splits": (duplicate_across_splits, "expect_column_values_to_be_in_set", "leaked"),
-    "too_few_per_class": (too_few_per_class, "expect_column_values_to_be_between", "train_class_count"),
+    "too_few_per_class": (too_few_per_class, "expect_column_values_to_be_between", "class_count_in_split"),
+    "too_few_in_val": (too_few_in_val, "expect_column_values_to_be_between", "class_count_in_split"),
 }
+MIXED_BUT_VALID: dict[str, Callable[[Path], str]] = {"rgb_among_gray": rgb_among_gray,
+                                                     "different_size": different_size}
+
+
+def make_mixed_photo_folder(dest: Path, classes: tuple[str, ...] = ("a", "b"), per_kind: int = 1) -> Path:
+    """``dest/{train,val,test}/<class>/``: in every folder, ``per_kind`` files of each kind a photo
+    dataset holds (:data:`tests.photos.VARIANTS`: JPEG, PNG, WebP, BMP; L, RGB, RGBA, P, I;16, CMYK,
+    EXIF-rotated), each of another size."""
+    rng = np.random.default_rng(0)
+    for s, split in enumerate(SPLITS):
+        for c, label in enumerate(classes):
+            for i in range(per_kind):
+                for k, (suffix, mode) in enumerate(VARIANTS):
+                    size = (8 + int(rng.integers(0, 90)), 8 + int(rng.integers(0, 60)))
+                    write_photo(dest / split / label / f"{i}-{k}{suffix}", size, c, s * 1000 + i * 100 + k, mode)
+    return dest

@@ -28,10 +28,10 @@ from podium.registry.release import read_current
 from podium.registry.stores import S3Store, StoreError, open_store
 from podium.tasks.common import TRANSIENT_RETRIES, is_transient
 from tests.data_corpus import (
-    different_size,
+    decompression_bomb,
     duplicate_across_splits,
     empty_split,
-    rgb_among_gray,
+    too_small,
     truncate_png,
     unknown_label,
     zero_byte_file,
@@ -83,8 +83,8 @@ def edited_config(services: dict, path: Path, edit: Callable[[dict], None]) -> P
 DATA_CASES = {  # corpus builder -> what the error line must say
     "truncated PNG": (truncate_png, "decodable"),
     "zero-byte file": (zero_byte_file, "size_bytes"),
-    "wrong channel count": (rgb_among_gray, "channels"),
-    "image of a different size": (different_size, "height"),
+    "image below data.min_side": (too_small, "min_side"),
+    "decompression bomb": (decompression_bomb, "too_large"),
     "label folder not in the class list": (unknown_label, "label"),
     "empty split": (empty_split, "split"),
     "duplicate image across splits": (duplicate_across_splits, "leaked"),

@@ -10,7 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FOLDERS = {"methods": "podium.methods", "registry": "podium.registry", "tasks": "podium.tasks",
            "flows": "podium.flows", "infra": "podium.infra", "podium": "podium"}
-GROUND = ("podium.config", "podium.devices", "podium.data", "podium.dvc_ops", "podium.validation")
+GROUND = ("podium.config", "podium.devices", "podium.data", "podium.dvc_ops", "podium.validation", "podium.facts")
 BOTTOM = ("podium.errors", "podium.files")
 # layer -> what it may never import (module prefixes)
 FORBIDDEN = {
