@@ -5,9 +5,10 @@ A caller (a Prefect task) opens a :func:`training_env` around a method's trainin
 end, under its ``name``, and resumes from one when it finds it. Methods do not change: the same
 names in the same order make a re-run after a crash pick up where the killed one stopped.
 
-A checkpoint holds the model, the optimiser, the step, the position in the epoch and every random
-state the loop depends on (torch, CUDA, Python, NumPy, the loader's shuffle generator, and the
-method's own ``random.Random`` objects), so a resumed run replays the uninterrupted one exactly.
+A checkpoint holds the model, the optimiser, the weight EMA and the fp16 grad scaler (when a fit
+uses them), the step, the position in the epoch and every random state the loop depends on (torch,
+CUDA, Python, NumPy, the loader's shuffle generator, and the method's own ``random.Random``
+objects), so a resumed run replays the uninterrupted one exactly.
 The learning-rate schedule is a pure function of the step, so the step is its whole state.
 Serialised with ``torch.save`` and read back with ``weights_only=True``: no code runs on load.
 """

@@ -67,6 +67,15 @@ def shard(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tor
     return mine_images, mine_labels, mine_images.shape[0] / max(images.shape[0], 1)
 
 
+def share_of_global_batch(local: int) -> float:
+    """This process's share of a global batch that a sharded loader already split (one all-reduce)."""
+    if world_size() == 1:
+        return 1.0
+    total = torch.tensor([float(local)])
+    dist.all_reduce(total)
+    return local / max(float(total.item()), 1.0)
+
+
 def sum_gradients(model: nn.Module) -> None:
     """Sum the (share-weighted) gradients of every process, in one all-reduce."""
     if world_size() == 1:

@@ -22,6 +22,22 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: Path,
     return path
 
 
+def with_metadata(src: Path, dest: Path, props: dict[str, str]) -> Path:
+    """A copy of the ONNX file ``src`` at ``dest`` with ``props`` in its ``metadata_props`` (the graph is
+    unchanged: what was measured is what ships)."""
+    import onnx
+
+    model = onnx.load(str(src))
+    kept = [p for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(dest))
+    return Path(dest)
+
+
 def save_weights(model: nn.Module, path: Path) -> Path:
     """State dict as safetensors: loads without executing code (shared tensors are cloned)."""
     path = Path(path)

@@ -36,18 +36,10 @@ from pydantic import Field
 from timm.models import FeatureListNet
 from torch import nn
 
-from podium.methods.base import (
-    Anchor,
-    AnchorSpec,
-    Candidate,
-    CandidateSpace,
-    DataBundle,
-    DataShape,
-    Method,
-    StrictModel,
-)
+from podium.methods.base import Anchor, AnchorSpec, Candidate, CandidateSpace, DataShape, Method, StrictModel
 from podium.methods.catalog import register_method
 from podium.methods.complexity import count
+from podium.methods.data import DataBundle
 from podium.methods.families import build
 from podium.methods.losses import kd_kl
 from podium.methods.train import TrainConfig, cross_entropy_loss, evaluate, fit, model_device, pick_device

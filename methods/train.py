@@ -1,25 +1,35 @@
 """The one training loop, evaluation and batch-norm recalibration used by every method.
 
 A method supplies ``loss_fn(images, labels, step) -> loss`` (a scalar); the loop owns the
-optimiser, the learning-rate schedule, the device, progress lines and the step budget. Methods
-that sample sub-networks (stitching, progressive shrinking) do their sampling inside ``loss_fn``.
+optimiser, the learning-rate schedule, the device, mixed precision, the memory format, gradient
+accumulation, the weight EMA, progress lines and the step budget. Methods that sample sub-networks
+(stitching, progressive shrinking) do their sampling inside ``loss_fn``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Sequence
 
+import timm.optim
 import torch
+from pydantic import Field, field_validator
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 
 from podium.methods import checkpoint, distributed
 from podium.methods.base import StrictModel
 from podium.methods.checkpoint import TrainingEnv, capture_rng, current_env, restore_rng
+
+if TYPE_CHECKING:
+    from podium.methods.data import Loader
 
 log = logging.getLogger("podium.train")
 
@@ -28,14 +38,27 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 class TrainConfig(StrictModel):
     epochs: float = 5.0  # may be fractional; ``max_steps`` caps it further
-    max_steps: int | None = None
+    max_steps: int | None = None  # optimizer steps, as are ``warmup_steps`` and the schedule
     lr: float = 0.05
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    optimizer: str = "sgd"  # any of timm.optim.list_optimizers(): sgd (nesterov), adamw, lamb, rmsproptf, ...
+    momentum: float = 0.9  # for the optimizers that take one
+    weight_decay: float = 5e-4  # not on biases and norm parameters
     warmup_steps: int = 0
     seed: int = 0
     log_every_s: float = 10.0  # a progress line at most this often
+    # auto: bf16 on CUDA where supported, else fp16 with a grad scaler; fp32 elsewhere. bf16 works on CPU too.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"  # auto: on CUDA for models with 2-D convolutions
+    ema_decay: float | None = Field(None, ge=0.0, lt=1.0)  # a weight EMA (timm ModelEmaV3): the model ends with it
+    accumulate: int = Field(1, ge=1)  # batches per optimizer step (the loss of each scaled by 1/accumulate)
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, name: str) -> str:
+        if name.lower().removeprefix("lookahead_") not in timm.optim.list_optimizers():
+            raise ValueError(f"unknown optimizer {name!r}: not one of timm.optim.list_optimizers() (sgd, adamw, "
+                             f"lamb, rmsproptf, ...)")
+        return name
 
 
 @dataclass
@@ -61,22 +84,24 @@ def model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def parameter_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """No weight decay on biases and norm parameters (1-D tensors), as in pycls/OFA/timm."""
-    decay, no_decay = [], []
-    for _name, p in params:
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
-    groups = parameter_groups(model.named_parameters(), cfg.weight_decay)
-    lr = cfg.lr if lr is None else lr
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=lr)
+    """timm's optimizer ``cfg.optimizer`` (``sgd`` is nesterov SGD); no weight decay on 1-D parameters
+    (biases, norms) nor on what a timm model's ``no_weight_decay()`` names (position embeddings...)."""
+    return timm.optim.create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr if lr is None else lr,
+                                          weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> CosineLRScheduler:
+    """Per optimizer step: linear warm-up then cosine decay to 0, from each group's current lr.
+
+    timm's warm-up gives ``lr * t / warmup`` at ``t``: :func:`fit` queries ``t = step + 1`` during the
+    warm-up, so that step 0 already learns and the last warm-up step is at the full lr.
+    """
+    for group in optimizer.param_groups:  # the base lr is the lr now, whatever an earlier fit left
+        group["initial_lr"] = group["lr"]
+    # At least 2: with 1 (or less) only the cosine's t=0 is ever reached, and timm would warn about 1.
+    return CosineLRScheduler(optimizer, t_initial=max(2, total - warmup), warmup_t=warmup, warmup_prefix=True,
+                             t_in_epochs=False)
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -84,17 +109,26 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
-def cosine_lr(step: int, total: int, warmup: int) -> float:
-    """Multiplier on the base learning rate: linear warm-up then cosine decay to 0."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype ``loss_fn`` runs in under autocast; None: plain fp32, no autocast."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None  # CPU autocast is slower here and changes the numbers
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"precision fp16 needs a CUDA device, the model is on {device}: use bf16 or fp32")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def uses_channels_last(setting: bool | str, model: nn.Module, device: torch.device) -> bool:
+    if setting == "auto":
+        return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return bool(setting)
 
 
 def fit(
     model: nn.Module,
-    loader: DataLoader,
+    loader: "Loader | DataLoader",
     loss_fn: LossFn,
     cfg: TrainConfig,
     *,
@@ -108,15 +142,31 @@ def fit(
     ``rngs`` are the method's own random generators (sub-network samplers): checkpointed with the
     rest, so a resumed run draws what the uninterrupted one would. Inside a :func:`training_env`
     with checkpoints, ``name`` is the checkpoint's name: unique within one training.
+
+    A step is an optimizer step over ``cfg.accumulate`` batches (fewer at the end of an epoch);
+    ``loss_fn`` sees the step, under autocast when ``cfg.precision`` asks for it. With
+    ``cfg.ema_decay`` the EMA weights are copied into ``model`` at the end: callers get the EMA model.
+    With channels-last, ``model`` stays in that memory format.
     """
     env = current_env()
     device = model_device(model)
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    autocast = partial(torch.autocast, device.type, amp_dtype) if amp_dtype else contextlib.nullcontext
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    channels_last = uses_channels_last(cfg.channels_last, model, device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     optimizer = optimizer or make_optimizer(model, cfg)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a resume overwrites them
-    steps = total_steps(cfg, len(loader))
+    per_epoch = math.ceil(len(loader) / cfg.accumulate)
+    steps = total_steps(cfg, per_epoch)
+    scheduler = make_scheduler(optimizer, steps, cfg.warmup_steps)  # before a resume overwrites the lrs
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay is not None else None
+    stateful = {"model": model, "optimizer": optimizer, "ema": ema.module if ema else None, "scaler": scaler}
+    stateful = {key: part for key, part in stateful.items() if part is not None}
     shuffle = loader.generator  # None: the sampler draws from torch's global generator
+    sharded = getattr(loader, "sharded", False)
     torch.manual_seed(cfg.seed)
-    saved = _load_checkpoint(env, name, model, optimizer, steps)
+    saved = _load_checkpoint(env, name, stateful, steps, cfg.accumulate)
     step, batch, loss_value = (saved["step"], saved["batch"], saved["loss"]) if saved else (0, 0, float("nan"))
     epoch_rng = saved["epoch_rng"] if saved else None
     if saved and step >= steps:
@@ -138,64 +188,88 @@ def fit(
                 saved = None
             for images, labels in batches:
                 seen += images.shape[0]
-                images, labels, share = distributed.shard(images, labels)  # the whole batch in one process
-                images = images.to(device, non_blocking=True)
+                if sharded:  # the loader read only this process's share of the global batch
+                    share = distributed.share_of_global_batch(images.shape[0])
+                else:  # the whole batch in every process: take this process's slice
+                    images, labels, share = distributed.shard(images, labels)
+                fmt = torch.channels_last if channels_last and images.ndim == 4 else torch.preserve_format
+                images = images.to(device, non_blocking=True, memory_format=fmt)
                 labels = labels.to(device, non_blocking=True)
-                scale = cosine_lr(step, steps, cfg.warmup_steps)
-                for group, base in zip(optimizer.param_groups, base_lrs):
-                    group["lr"] = base * scale
-                loss = loss_fn(images, labels, step)
-                optimizer.zero_grad(set_to_none=True)
-                (loss * share if share != 1.0 else loss).backward()
+                first = batch % cfg.accumulate == 0  # the first batch of this optimizer step
+                if first:
+                    scheduler.step_update(step + 1 if step < cfg.warmup_steps else step)  # see make_scheduler
+                with autocast():
+                    loss = loss_fn(images, labels, step)
+                if first:
+                    optimizer.zero_grad(set_to_none=True)
+                weight = share / min(cfg.accumulate, len(loader) - (batch - batch % cfg.accumulate))
+                scaled = loss * weight if weight != 1.0 else loss
+                (scaler.scale(scaled) if scaler else scaled).backward()
+                batch += 1
+                if batch % cfg.accumulate and batch < len(loader):
+                    continue  # more batches before this optimizer step
                 distributed.sum_gradients(model)  # no-op in one process
-                optimizer.step()
-                step, batch = step + 1, batch + 1
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                step += 1
+                if ema:
+                    ema.update(model, step=step)
                 now = time.perf_counter()
                 if distributed.is_primary() and (now - last_log >= cfg.log_every_s or step == steps):
                     loss_value = loss.item()  # sync only when reporting, not every step
                     rate = seen / max(now - start, 1e-9)
                     eta = (steps - step) * (now - start) / (step - start_step)
                     log.info("%s: epoch %.2f step %d/%d loss %.4f %.0f img/s ETA %.0fs",
-                             name, step / len(loader), step, steps, loss_value, rate, eta)
+                             name, step / per_epoch, step, steps, loss_value, rate, eta)
                     last_log = now
                 if env.checkpoints is not None and step < steps and now - last_save >= env.every_s:
-                    _save_checkpoint(env, name, model, optimizer, steps, step, batch, loss.item(), epoch_rng,
+                    _save_checkpoint(env, name, stateful, steps, cfg.accumulate, step, batch, loss.item(), epoch_rng,
                                      capture_rng(shuffle, rngs))
                     last_save = time.perf_counter()
                 if step >= steps:
                     break
             else:
                 batch, epoch_rng = 0, None
+    if ema:  # also after a re-run that found the finished checkpoint
+        model.load_state_dict(ema.module.state_dict())
     if env.checkpoints is not None and step > start_step:  # done: a re-run skips straight to the end
-        _save_checkpoint(env, name, model, optimizer, steps, step, batch, loss_value, epoch_rng,
+        _save_checkpoint(env, name, stateful, steps, cfg.accumulate, step, batch, loss_value, epoch_rng,
                          capture_rng(shuffle, rngs))
     wall = time.perf_counter() - start
     return TrainResult(steps=step, final_loss=loss_value, images_per_s=seen / max(wall, 1e-9), wall_s=wall,
                        resumed_at=start_step)
 
 
-def _save_checkpoint(env: TrainingEnv, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int,
+def _save_checkpoint(env: TrainingEnv, name: str, stateful: dict[str, Any], steps: int, accumulate: int,
                      step: int, batch: int, loss: float, epoch_rng: dict | None, rng: dict) -> None:
+    """``stateful``: the model, the optimizer and, when used, the EMA model and the grad scaler."""
     if not distributed.is_primary():  # every process holds the same state: one writes it
         return
-    state = {"name": name, "steps": steps, "step": step, "batch": batch, "loss": loss, "model": model.state_dict(),
-             "optimizer": optimizer.state_dict(), "epoch_rng": epoch_rng, "rng": rng}
+    state = {"name": name, "steps": steps, "accumulate": accumulate, "step": step, "batch": batch, "loss": loss,
+             **{key: part.state_dict() for key, part in stateful.items()}, "epoch_rng": epoch_rng, "rng": rng}
     env.checkpoints.save(name, checkpoint.dumps(state))
     log.info("%s: checkpoint at step %d/%d", name, step, steps)
 
 
-def _load_checkpoint(env: TrainingEnv, name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     steps: int) -> dict | None:
-    """The saved state, already loaded into ``model`` and ``optimizer``; None to start from step 0."""
+def _load_checkpoint(env: TrainingEnv, name: str, stateful: dict[str, Any], steps: int,
+                     accumulate: int) -> dict | None:
+    """The saved state, already loaded into ``stateful``'s parts; None to start from step 0."""
     data = env.checkpoints.load(name) if env.checkpoints is not None else None
     if data is None:
         return None
     try:
         state = checkpoint.loads(data)
-        if state["name"] != name or state["steps"] != steps:
-            raise ValueError(f"it is for {state['name']!r} with {state['steps']} steps, not {steps}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        saved_for = (state["name"], state["steps"], state.get("accumulate", 1))
+        if saved_for != (name, steps, accumulate):
+            raise ValueError(f"it is for {saved_for[0]!r} with {saved_for[1]} steps of {saved_for[2]} batches, "
+                             f"not {steps} of {accumulate}")
+        if missing := [key for key in stateful if key not in state]:  # before loading any part
+            raise ValueError(f"it has no {' or '.join(missing)} state")
+        for key, part in stateful.items():
+            part.load_state_dict(state[key])
     except Exception as exc:  # noqa: BLE001 - an unusable checkpoint costs the progress, not the run
         log.warning("%s: ignoring checkpoint (%s); training from step 0", name, str(exc).splitlines()[0][:200])
         return None
@@ -211,14 +285,14 @@ def cross_entropy_loss(model: nn.Module, label_smoothing: float = 0.0) -> LossFn
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, input_size: tuple[int, int] | None = None) -> float:
-    """Top-1 accuracy in [0, 1]. ``input_size`` resizes inputs (for candidates at another resolution)."""
+def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Top-1 accuracy in [0, 1] on every batch of ``loader`` (read at the resolution the model runs at)."""
     device = model_device(model)
     was_training = model.training
     model.eval()
     correct = total = 0
     for images, labels in loader:
-        images = resize(images.to(device), input_size)
+        images = images.to(device)
         correct += (model(images).argmax(dim=1) == labels.to(device)).sum().item()
         total += labels.numel()
     model.train(was_training)
@@ -226,15 +300,17 @@ def evaluate(model: nn.Module, loader: DataLoader, input_size: tuple[int, int] |
 
 
 def resize(images: torch.Tensor, input_size: tuple[int, int] | None) -> torch.Tensor:
+    """A batch resized on the tensor: only for a teacher that runs at its own resolution; data for
+    the trained model is read at its size by the loader (:meth:`methods.data.DataBundle.train_loader`)."""
     if input_size is None or tuple(images.shape[-2:]) == tuple(input_size):
         return images
     return nn.functional.interpolate(images, size=input_size, mode="bilinear", align_corners=False)
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader: DataLoader, num_batches: int = 20,
-                   input_size: tuple[int, int] | None = None) -> None:
-    """Reset BN running stats and set them to the average batch statistics on training images.
+def recalibrate_bn(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Reset BN running stats and set them to the average batch statistics over ``loader`` (a fixed
+    subset of training images, e.g. ``data.eval_loader("train", size, limit=n)``).
 
     Needed whenever a network's path differs from the one its stats were collected on
     (OFA sub-networks, stitches). Uses a cumulative average (momentum=None).
@@ -249,10 +325,8 @@ def recalibrate_bn(model: nn.Module, loader: DataLoader, num_batches: int = 20,
     device = model_device(model)
     was_training = model.training
     model.train()
-    for i, (images, _labels) in enumerate(loader):
-        if i >= num_batches:
-            break
-        model(resize(images.to(device), input_size))
+    for images, _labels in loader:
+        model(images.to(device))
     for m, momentum in saved:
         m.momentum = momentum
     model.train(was_training)

@@ -18,6 +18,7 @@ from podium.errors import ConfigError
 from podium.methods.base import StrictModel
 from podium.methods.catalog import config_class, method_names
 from podium.methods.train import TrainConfig
+from podium.methods.transforms import LoaderConfig
 
 
 class RemoteConfig(StrictModel):
@@ -25,13 +26,14 @@ class RemoteConfig(StrictModel):
     endpoint_url: str | None = None
 
 
-class DataConfig(StrictModel):
+class DataConfig(LoaderConfig):
+    """The dataset (where, how versioned, what validation demands) and how it is read (LoaderConfig)."""
+
     path: str = "data/digits"  # dataset root, relative to the project directory
     stage: str | None = "export_digits"  # DVC stage that produces it; None for `dvc add`-tracked data
-    image_size: tuple[int, int] = (32, 32)
-    batch_size: int = Field(64, ge=1)
     classes: list[str] | None = None  # declared class set; None = the train split's folders
-    min_per_class: int = Field(5, ge=1)
+    min_per_class: int = Field(5, ge=1)  # per class, in every split
+    min_side: int = Field(8, ge=1)  # smallest image side validation accepts
     dvc_remote: RemoteConfig | None = None  # None = the repository's default (local) remote
     push: bool = True
 

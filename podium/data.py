@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -31,18 +31,18 @@ from PIL import Image
 
 from podium.errors import DataError
 from podium.files import sha256_bytes, sha256_file
+from podium.images import IMAGE_SUFFIXES, decoded_channels
 
 if TYPE_CHECKING:
-    from podium.methods.base import DataBundle, DataShape
+    from podium.methods.base import DataShape
+    from podium.methods.data import DataBundle, ImageSet
+    from podium.methods.transforms import LoaderConfig
 
 log = logging.getLogger("podium.data")
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MANIFEST = "manifest.csv"
 MANIFEST_COLUMNS: tuple[str, ...] = ("path", "label", "split", "sha256", "height", "width", "channels")
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
-# PIL modes that decode to one channel; every other mode is converted to RGB (alpha dropped).
-GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -56,11 +56,6 @@ def class_sort_key(name: str) -> tuple[int, int | str]:
 
 def is_image_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
-
-
-def decoded_channels(mode: str) -> int:
-    """Channels an image has once decoded by :func:`load_bundle` (grayscale 1, everything else RGB 3)."""
-    return 1 if mode in GRAY_MODES else 3
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -271,18 +266,39 @@ def scan_imagefolder(root: Path) -> list[tuple[Path, str, str]]:
     return items
 
 
-def decode_image(path: Path, channels: int | None = None) -> np.ndarray:
-    """Decode one file to uint8 C x H x W (grayscale stays 1 channel, anything else RGB)."""
-    with Image.open(path) as img:
-        img = img.convert("L" if (channels or decoded_channels(img.mode)) == 1 else "RGB")
-        arr = np.asarray(img, dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+def dataset_channels(files: Sequence[Path], samples: int = 64) -> int:
+    """1 when every sampled training image is grayscale (the digits), else 3: RGB, with gray images
+    converted, as for any photo dataset. The headers of evenly spaced files are read, nothing decoded."""
+    picks = np.linspace(0, len(files) - 1, min(samples, len(files))).astype(int) if files else []
+    for i in picks:
+        try:
+            with Image.open(files[i]) as img:
+                if decoded_channels(img.mode) == 3:
+                    return 3
+        except Exception:  # noqa: BLE001 - validation names undecodable files; here they say nothing
+            continue
+    return 1 if len(picks) else 3
 
 
-def decode_dataset(root: Path, classes: Sequence[str] | None = None
-                   ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
-    """Decode every image under ``root`` once: ``{split: (uint8 N x C x H x W, labels)}`` and class names."""
+def data_shape(root: Path | str, classes: Sequence[str] | None, image_size: Sequence[int]) -> "DataShape":
+    """Classes, channels and size of a dataset from its folders and a few image headers (nothing
+    decoded); 10 classes of 1 channel (the digits) when it is not exported yet."""
+    from podium.methods.base import DataShape
+
     root = Path(root)
+    size = (int(image_size[0]), int(image_size[1]))
+    if not (root / "train").is_dir():
+        return DataShape(len(classes) if classes else 10, 1, size)
+    class_dirs = _class_dirs(root / "train")
+    train = [f for f, split, _ in scan_imagefolder(root) if split == "train"]
+    return DataShape(len(classes) if classes else len(class_dirs), dataset_channels(train), size)
+
+
+def image_sets(root: Path, classes: Sequence[str] | None = None) -> tuple[dict[str, "ImageSet"], list[str]]:
+    """The files of every split as :class:`podium.methods.data.ImageSet` (paths and label indices) and
+    the class names; nothing is decoded."""
+    from podium.methods.data import ImageSet
+
     if not root.is_dir():
         raise DataError(f"dataset directory {root} does not exist")
     items = scan_imagefolder(root)
@@ -292,42 +308,14 @@ def decode_dataset(root: Path, classes: Sequence[str] | None = None
     stray = sorted({label for _, _, label in items if label not in index})
     if stray:
         raise DataError(f"dataset {root} has labels outside the class set: {', '.join(stray[:5])}")
-    channels: int | None = None  # the first image's, so a grayscale dataset stays 1 channel throughout
-    splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    sets = {}
     for split in SPLITS:
         chosen = [(f, label) for f, s, label in items if s == split]
         if not chosen:
             raise DataError(f"dataset {root} split {split} is empty")
-        arrays = []
-        for file, _ in chosen:
-            try:
-                arrays.append(decode_image(file, channels))
-            except Exception as exc:
-                raise DataError(f"cannot decode {file}: {exc}") from None
-            channels = arrays[0].shape[0]
-        splits[split] = (arrays, np.array([index[label] for _, label in chosen], dtype=np.int64))
-    shapes = {a.shape for arrays, _ in splits.values() for a in arrays}
-    if len(shapes) > 1:
-        raise DataError(f"dataset {root} mixes image shapes {sorted(shapes)[:4]}; run `podium validate` first")
-    return {s: (np.stack(arrays), labels) for s, (arrays, labels) in splits.items()}, class_names
-
-
-def data_shape(root: Path | str, classes: Sequence[str] | None, image_size: Sequence[int]) -> "DataShape":
-    """Classes, channels and size of a dataset from its folders and one image header (nothing decoded);
-    10 classes of 1 channel (the digits) when it is not exported yet."""
-    from podium.methods.base import DataShape
-
-    train = Path(root) / "train"
-    size = (int(image_size[0]), int(image_size[1]))
-    if not train.is_dir():
-        return DataShape(len(classes) if classes else 10, 1, size)
-    class_dirs = _class_dirs(train)
-    first = next((f for d in class_dirs for f in image_files(d)), None)
-    channels = 1
-    if first is not None:
-        with Image.open(first) as img:
-            channels = decoded_channels(img.mode)
-    return DataShape(len(classes) if classes else len(class_dirs), channels, size)
+        sets[split] = ImageSet(labels=np.array([index[label] for _, label in chosen], dtype=np.int64), root=str(root),
+                               paths=np.array([f.relative_to(root).as_posix() for f, _ in chosen]))
+    return sets, class_names
 
 
 _BUNDLES: dict[tuple, "DataBundle"] = {}
@@ -335,43 +323,35 @@ _LOCKS: dict[tuple, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
 
 
-def _fresh_loaders(bundle: "DataBundle", seed: int) -> "DataBundle":
-    """Same tensors, new DataLoaders with their own seeded generator: callers sharing a bundle in
-    threads never share a sampler's random state, so each one's batch order is reproducible."""
-    import torch
-    from torch.utils.data import DataLoader
+def load_bundle(root: Path | str, cfg: "LoaderConfig", data_hash: str, classes: Sequence[str] | None = None,
+                seed: int = 0, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+                ) -> "DataBundle":
+    """The dataset at ``root`` as a :class:`podium.methods.data.DataBundle` (files, not pixels).
 
-    def clone(loader: DataLoader, shuffle: bool) -> DataLoader:
-        return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=shuffle, drop_last=loader.drop_last,
-                          generator=torch.Generator().manual_seed(seed), num_workers=loader.num_workers)
-
-    return replace(bundle, train=clone(bundle.train, True), val=clone(bundle.val, False),
-                   test=clone(bundle.test, False))
-
-
-def load_bundle(root: Path | str, image_size: tuple[int, int], batch_size: int, data_hash: str,
-                classes: Sequence[str] | None = None, seed: int = 0) -> "DataBundle":
-    """The dataset at ``root`` as a :class:`methods.base.DataBundle`, decoded once per process.
-
-    Memoised on (root, data_hash, image_size, batch_size, classes, seed): tasks running in one
-    process (threads included: a per-key lock) share the decoded, normalised tensors. Each call
-    returns fresh DataLoaders over them (see :func:`_fresh_loaders`).
+    Memoised on (root, data_hash, cfg, classes, seed, mean, std): tasks in one process (threads
+    included: a per-key lock) share one bundle, and so its in-memory caches of decoded images.
+    ``mean``/``std`` are a pretrained anchor's normalisation, used unless ``cfg`` sets its own.
     """
-    from podium.methods.base import DataBundle
+    from podium.methods.data import DataBundle
+    from podium.methods.transforms import LoaderConfig
 
-    key = (str(Path(root).resolve()), data_hash, tuple(int(v) for v in image_size), int(batch_size),
-           tuple(classes) if classes else None, int(seed))
+    cfg = LoaderConfig.model_validate({k: getattr(cfg, k) for k in LoaderConfig.model_fields})
+    key = (str(Path(root).resolve()), data_hash, cfg.model_dump_json(), tuple(classes) if classes else None,
+           int(seed), tuple(mean) if mean else None, tuple(std) if std else None)
     with _LOCKS_GUARD:
         lock = _LOCKS.setdefault(key, threading.Lock())
     with lock:
         bundle = _BUNDLES.get(key)
         if bundle is None:
-            splits, class_names = decode_dataset(Path(root), classes)
-            bundle = DataBundle.from_arrays(splits, class_names, key[2], batch_size, data_hash, seed=seed)
+            sets, class_names = image_sets(Path(root), classes)
+            channels = dataset_channels([Path(root) / p for p in sets["train"].paths])
+            bundle = DataBundle.create(sets, class_names, channels, data_hash, cfg, seed=seed, mean=mean, std=std)
             _BUNDLES[key] = bundle
-            log.info("decoded %s (%s): %s", root, data_hash[:12],
-                     ", ".join(f"{s} {len(y)}" for s, (_, y) in splits.items()))
-    return _fresh_loaders(bundle, seed)
+            log.info("loaded %s (%s): %s; %s, mean %s std %s", root, data_hash[:12],
+                     ", ".join(f"{s} {len(v)}" for s, v in sets.items()),
+                     "in memory" if bundle.in_memory else f"streamed by {bundle.num_workers} workers",
+                     [round(v, 3) for v in bundle.input_spec.mean], [round(v, 3) for v in bundle.input_spec.std])
+    return bundle
 
 
 def clear_cache() -> None:

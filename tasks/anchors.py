@@ -19,8 +19,9 @@ from torch import nn
 from podium.config import AnchorConfig
 from podium.errors import AnchorError
 from podium.methods import complexity
-from podium.methods.base import Anchor, Candidate, DataBundle
+from podium.methods.base import Anchor, Candidate
 from podium.methods.checkpoint import training_env
+from podium.methods.data import DataBundle
 from podium.methods.export import export_onnx, load_weights, save_weights
 from podium.methods.families import build
 from podium.methods.train import cross_entropy_loss, evaluate, fit, pick_device

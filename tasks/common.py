@@ -18,8 +18,9 @@ from torch import nn
 from podium.config import PodiumConfig
 from podium.errors import RegistryError, StoreError
 from podium.files import files_digest
-from podium.methods.base import Candidate, DataBundle
+from podium.methods.base import Candidate
 from podium.methods.checkpoint import TrainingEnv, checkpoint_file_name
+from podium.methods.data import DataBundle
 from podium.registry.mlflow_registry import ModelRegistry
 from podium.registry.stores import ArtifactStore, open_store
 
@@ -96,11 +97,15 @@ def _registry(uri: str, artifact_root: str) -> ModelRegistry:
 
 
 def load_data(ctx: RunContext, ref: DatasetRef) -> DataBundle:
-    from podium.data import load_bundle  # memoised per process: images are decoded once
+    """The run's dataset (memoised per process). Normalised with the first hub-pretrained anchor's
+    mean/std when there is one (what its weights expect), else with ``data.mean/std`` or measured."""
+    from podium.data import load_bundle
+    from podium.methods.families.timm_hub import pretrained_stats
 
-    cfg = ctx.cfg.data
-    return load_bundle(Path(ref.root), tuple(cfg.image_size), cfg.batch_size, ref.data_hash,
-                       classes=list(ref.classes) if ref.classes else None)
+    hub = next((a for a in ctx.cfg.anchors if a.timm_hub and a.arch.get("family") == "timm"), None)
+    mean, std = pretrained_stats(hub.arch["name"]) if hub is not None else (None, None)
+    return load_bundle(Path(ref.root), ctx.cfg.data, ref.data_hash, classes=list(ref.classes) if ref.classes else None,
+                       mean=mean, std=std)
 
 
 def state_digest(model: nn.Module, extra: Any = None) -> str:

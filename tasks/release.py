@@ -13,14 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from podium.errors import first_line
-from podium.methods.base import DataBundle
+from podium.methods.data import DataBundle
+from podium.methods.export import with_metadata
 from podium.methods.profiling import DeviceProfile, LatencyStats
 from podium.methods.runtimes import get_runtime
-from podium.methods.train import resize
 from podium.registry import promotion
 from podium.registry.mlflow_registry import model_files
 from podium.tasks.common import TRANSIENT_RETRIES, DatasetRef, RunContext, load_data
@@ -58,10 +59,16 @@ def _champion_accuracy_on(ctx: RunContext, version, data: DataBundle) -> float |
             files = model_files(ctx.registry.download_version(ctx.cfg.model_name, version.version, Path(tmp)))
             meta = json.loads(files["metadata.json"].read_text())
             size = tuple(meta["input_size"])
+            # the champion's own normalisation on this run's images, read at its size
+            spec = data.input_spec
+            theirs = meta["input_spec"]
+            scale = torch.tensor(spec.std).view(1, -1, 1, 1) / torch.tensor(theirs["std"]).view(1, -1, 1, 1)
+            shift = (torch.tensor(spec.mean) - torch.tensor(theirs["mean"])).view(1, -1, 1, 1) / torch.tensor(
+                theirs["std"]).view(1, -1, 1, 1)
             correct = total = 0
             with get_runtime("onnxruntime").open(files["model.onnx"], threads=1) as session:
-                for images, labels in data.val:
-                    logits = session.predict(resize(images, size).numpy())
+                for images, labels in data.eval_loader("val", size):
+                    logits = session.predict((images * scale + shift).numpy())
                     correct += int((np.argmax(logits, axis=1) == labels.numpy()).sum())
                     total += labels.numel()
         return correct / max(total, 1)
@@ -79,11 +86,20 @@ def _metadata(ctx: RunContext, ref: DatasetRef, data: DataBundle, winner: Measur
         "input_spec": {"channels": spec.channels, "height": cand.input_size[0], "width": cand.input_size[1],
                        "mean": list(spec.mean), "std": list(spec.std), "pixel_scale": "[0, 1] then (x - mean) / std",
                        "class_names": data.class_names},
+        "preprocessing": data.preprocessing(cand.input_size),
         "metrics": {**cand.metrics, "p50_ms": stats.p50_ms, "p90_ms": stats.p90_ms, "peak_mem_mb": stats.peak_mem_mb},
         "latency": stats.as_dict(), "device_profile": device.model_dump(mode="json"),
         "lineage": {"data_hash": ref.data_hash, "git_sha": ctx.git_sha, "run_id": ctx.run_id,
                     "digest": winner.export.digest},
     }
+
+
+def onnx_properties(metadata: dict) -> dict[str, str]:
+    """What a client of the bare ONNX file needs (as its ``metadata_props``): preprocessing, classes."""
+    return {"podium.preprocessing": json.dumps(metadata["preprocessing"]),
+            "podium.class_names": json.dumps(metadata["input_spec"]["class_names"]),
+            "podium.model": str(metadata["model"]), "podium.device": str(metadata["device"]),
+            "podium.candidate": str(metadata["candidate"])}
 
 
 # cache_policy=NO_CACHE: never reused across runs, and Prefect's default policy would hash every input
@@ -106,9 +122,11 @@ def promote_and_publish(ctx: RunContext, ref: DatasetRef, device: DeviceProfile,
         champion_acc = _champion_accuracy_on(ctx, champion, data)
     decision = promotion.decide_promotion(cand.metrics["val_acc"], champion, ref.data_hash, champion_acc)
 
-    uri = registry.log_model(ctx.run_id, f"winner-{device.name}", exported.onnx, exported.weights,
-                             _metadata(ctx, ref, data, winner, device, stats),
-                             np.zeros((2, *exported.input_shape), dtype=np.float32))
+    metadata = _metadata(ctx, ref, data, winner, device, stats)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = with_metadata(exported.onnx, Path(tmp) / "model.onnx", onnx_properties(metadata))
+        example = next(iter(data.eval_loader("val", cand.input_size, limit=2)))[0].numpy()
+        uri = registry.log_model(ctx.run_id, f"winner-{device.name}", onnx_path, exported.weights, metadata, example)
     tags = {"device": device.name, "method": cand.method, "candidate": cand.name,
             "config": json.dumps(cand.config, default=str)[:5000], "val_acc": f"{cand.metrics['val_acc']:.6f}",
             "p50_ms": f"{stats.p50_ms:.4f}", "flops": cand.metrics.get("flops"), "params": cand.metrics.get("params"),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from podium.methods.base import DataBundle
+from podium.methods.data import DataBundle
 
 torch.set_num_threads(2)
 

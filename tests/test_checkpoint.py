@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from podium.methods.base import DataBundle
+from podium.methods.data import DataBundle
 from podium.methods.checkpoint import DirectoryCheckpoints, TrainingEnv, training_env
 from podium.methods.train import TrainConfig, fit, pick_device
 from tests.conftest import digits_bundle

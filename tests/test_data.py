@@ -4,13 +4,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-import subprocess
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from podium import dvc_ops
@@ -25,8 +25,10 @@ from podium.data import (
     read_manifest,
     stratified_split,
 )
+from podium.methods.transforms import LoaderConfig
 from podium.validation import validate_dataset
 from tests.data_corpus import make_flat_imagefolder, make_presplit_imagefolder
+from tests.photos import dvc_project
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,15 +44,6 @@ def _tree(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_digits(tmp_path_factory.mktemp("export") / "digits")
-
-
-def _dvc_project(path: Path) -> Path:
-    """A fresh git + DVC repository using this repo's committed DVC config (relative remote, site cache)."""
-    path.mkdir(parents=True)
-    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
-    shutil.copytree(REPO / ".dvc", path / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
-    shutil.copy(REPO / ".dvcignore", path / ".dvcignore")
-    return path
 
 
 def test_export_is_deterministic(digits_dir: Path, tmp_path: Path) -> None:
@@ -94,27 +87,28 @@ def test_split_is_stratified(digits_dir: Path) -> None:
         stratified_split(labels, 0.6, 0.5, 0)
 
 
-def test_load_bundle_decodes_once(digits_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_load_bundle_loads_once(digits_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     clear_cache()
     caplog.set_level(logging.INFO, logger="podium.data")
-    with ThreadPoolExecutor(4) as pool:  # tasks in threads ask at once: one decode
-        bundles = list(pool.map(lambda _: load_bundle(digits_dir, (16, 16), 32, "h1"), range(4)))
-    assert sum(r.getMessage().startswith("decoded") for r in caplog.records) == 1
-    assert len({id(b.train.dataset) for b in bundles}) == 1
+    cfg = LoaderConfig(image_size=(16, 16), batch_size=32)
+    with ThreadPoolExecutor(4) as pool:  # tasks in threads ask at once: one bundle, one set of caches
+        bundles = list(pool.map(lambda _: load_bundle(digits_dir, cfg, "h1"), range(4)))
+    assert sum(r.getMessage().startswith("loaded") for r in caplog.records) == 1
+    assert len({id(b) for b in bundles}) == 1
     bundle = bundles[0]
     assert bundle.num_classes == 10 and bundle.class_names == [str(i) for i in range(10)]
     assert (bundle.input_spec.channels, bundle.input_spec.height, bundle.input_spec.width) == (1, 16, 16)
     assert [len(loader.dataset) for loader in (bundle.train, bundle.val, bundle.test)] == [1259, 269, 269]
+    assert bundle.in_memory and bundle.num_workers == 0  # 1,797 tiny PNGs fit the default cache
     images, labels = next(iter(bundle.val))
-    assert images.shape == (32, 1, 16, 16) and bundle.data_hash == "h1"
-    # same key: the same decoded tensors; fresh loaders so threads never share a sampler
-    again = load_bundle(digits_dir, (16, 16), 32, "h1")
-    assert again.train.dataset is bundle.train.dataset and again.train is not bundle.train
-    assert load_bundle(digits_dir, (16, 16), 32, "h2").train.dataset is not bundle.train.dataset
+    assert images.shape == (32, 1, 16, 16) and images.dtype == torch.float32 and bundle.data_hash == "h1"
+    # each loader has its own seeded generator, so threads never share a sampler's state
+    assert bundle.train is not bundle.train and bundle.train.generator is not bundle.train.generator
+    assert load_bundle(digits_dir, cfg, "h1") is bundle and load_bundle(digits_dir, cfg, "h2") is not bundle
 
 
 def test_import_flat_imagefolder(tmp_path: Path) -> None:
-    project = _dvc_project(tmp_path / "proj")
+    project = dvc_project(tmp_path / "proj")
     src = make_flat_imagefolder(tmp_path / "src", classes=("cat", "dog", "fox"), per_class=20)
 
     root = import_imagefolder(src, project, "pets", val_fraction=0.2, test_fraction=0.1, seed=3)
@@ -129,8 +123,8 @@ def test_import_flat_imagefolder(tmp_path: Path) -> None:
     md5 = dvc_ops.dataset_hash(project, "data/pets")
     assert md5.endswith(".dir") and (project / "data" / "pets.dvc").is_file()
     assert "/pets" in (project / "data" / ".gitignore").read_text()
-    assert validate_dataset(root).success
-    bundle = load_bundle(root, (10, 12), 8, md5)
+    assert validate_dataset(root, min_per_class=2).success  # 2 per class in test (10 %)
+    bundle = load_bundle(root, LoaderConfig(image_size=(10, 12), batch_size=8), md5)
     assert bundle.input_spec.channels == 3 and bundle.class_names == ["cat", "dog", "fox"]
 
     # the pre-split layout is kept as is, into the same project
@@ -169,11 +163,11 @@ def test_import_errors_are_one_line(tmp_path: Path) -> None:
 
 def test_dvc_repro_gives_dir_md5(tmp_path: Path) -> None:
     """The real stage in a copy of the repo: repro, md5, no-op second repro, push to the local remote."""
-    project = _dvc_project(tmp_path / "proj")
+    project = dvc_project(tmp_path / "proj")
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(REPO / name, project / name)
     (project / "podium").mkdir()
-    for name in ("__init__.py", "data.py", "errors.py", "files.py"):  # what the stage command imports
+    for name in ("__init__.py", "data.py", "errors.py", "files.py", "images.py"):  # what the stage command imports
         shutil.copy(REPO / "podium" / name, project / "podium" / name)
 
     dvc_ops.reproduce(project, "export_digits")
@@ -197,7 +191,7 @@ def test_s3_remote_goes_to_config_local_and_push_works(tmp_path: Path, s3: str) 
     """configure_s3_remote writes only .dvc/config.local; a push lands in a real (moto) S3 bucket."""
     import boto3
 
-    project = _dvc_project(tmp_path / "proj")
+    project = dvc_project(tmp_path / "proj")
     committed = (project / ".dvc" / "config").read_text()
     src = make_presplit_imagefolder(tmp_path / "src", counts={"train": 5, "val": 1, "test": 1})
     root = import_imagefolder(src, project, "small")

@@ -43,7 +43,7 @@ def _randomise_bn(model: torch.nn.Module, seed: int = 1) -> None:
 
 @pytest.fixture(scope="module")
 def space(digits):
-    cfg = SelfDistillConfig(train=TrainConfig(max_steps=30, lr=0.05, warmup_steps=5))
+    cfg = SelfDistillConfig(train=TrainConfig(max_steps=50, lr=0.05, warmup_steps=5))
     return SelfDistill(cfg).fit(digits)
 
 
@@ -224,7 +224,7 @@ def test_fit_yields_one_candidate_per_exit_and_a_report(space, digits):
         assert cand.model(digits.example_batch(2)).shape == (2, NUM_CLASSES)
     flops = [c.metrics["flops"] for c in cands]
     assert flops == sorted(flops) and len(set(flops)) == 4  # deeper exits cost more
-    assert cands[-1].metrics["val_acc"] > 0.5  # 30 steps already learn digits
+    assert cands[-1].metrics["val_acc"] > 0.5  # 50 steps already learn digits (30 sat at the edge: 0.49-0.93 by seed)
     for key in ("ensemble_val_acc", "baseline_val_acc", "early_exit_val_acc", "early_exit_mean_ms",
                 "deepest_mean_ms", "early_exit_threshold"):
         assert key in report

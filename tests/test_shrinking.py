@@ -1,15 +1,13 @@
 """Once-for-All progressive shrinking: elastic supernet, extraction, predictors, search."""
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Subset
 
-from podium.methods.base import DataBundle
+from podium.methods.data import DataBundle
 from podium.methods.export import export_onnx
 from podium.methods.profiling import DeviceProfile
 from podium.methods.shrinking import (
@@ -156,11 +154,10 @@ def test_config_rejects_inconsistent_space() -> None:
 
 
 def _small(data: DataBundle, n_train: int = 128, n_val: int = 32) -> DataBundle:
-    """A slice of the digits (fast): the first ``n_train`` training and ``n_val`` validation images."""
-    def cut(loader: DataLoader, n: int, shuffle: bool) -> DataLoader:
-        return DataLoader(Subset(loader.dataset, range(n)), batch_size=32, shuffle=shuffle, drop_last=shuffle)
-
-    return dataclasses.replace(data, train=cut(data.train, n_train, True), val=cut(data.val, n_val, False))
+    """A slice of the digits (fast): ``n_train`` training and ``n_val`` validation images, batches of 32."""
+    small = data.subset(train=n_train, val=n_val)
+    small.cfg = small.cfg.model_copy(update={"batch_size": 32})
+    return small
 
 
 def test_fit_and_search_end_to_end(digits) -> None:

@@ -28,3 +28,9 @@ def split_timm(model: nn.Module) -> AnchorParts:
 @register_family("timm", split=split_timm)
 def timm_model(name: str, num_classes: int, in_chans: int, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def pretrained_stats(name: str) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """The mean/std a hub model's pretrained weights expect (timm's ``pretrained_cfg``; no download)."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    return (tuple(cfg.mean), tuple(cfg.std)) if cfg is not None else (None, None)

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from podium.methods.base import Anchor, AnchorSpec, Candidate, CandidateSpace, DataBundle, DataShape, Method
+from podium.methods.base import Anchor, AnchorSpec, Candidate, CandidateSpace, DataShape, Method
 from podium.methods.catalog import register_method
 from podium.methods.complexity import Complexity, count
+from podium.methods.data import DataBundle
 from podium.methods.families import build
 from podium.methods.losses import kd_kl
 from podium.methods.scaling.config import ScalingConfig
@@ -69,16 +70,16 @@ class Scaling(Method):
     def __init__(self, cfg: ScalingConfig):
         self.cfg = cfg
 
-    def _loss_fn(self, model: nn.Module, size: tuple[int, int], teacher: nn.Module | None):
+    def _loss_fn(self, model: nn.Module, teacher: nn.Module | None):
         cfg = self.cfg
 
         def loss_fn(images: torch.Tensor, labels: torch.Tensor, _step: int) -> torch.Tensor:
-            logits = model(resize(images, size))
+            logits = model(images)  # read at the member's resolution by the loader
             loss = F.cross_entropy(logits, labels)
             if teacher is None:
                 return loss
             with torch.no_grad():
-                teacher_logits = teacher(images)  # the teacher runs at the data's own resolution
+                teacher_logits = teacher(images)  # a _Resized teacher: at its own resolution
             return (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd_kl(logits, teacher_logits, cfg.kd_temperature)
 
         return loss_fn
@@ -88,9 +89,9 @@ class Scaling(Method):
         torch.manual_seed(self.cfg.train.seed)
         model = build(plan.arch, num_classes=data.num_classes, in_chans=data.input_spec.channels).to(device)
         size = (plan.resolution, plan.resolution)
-        fit(model, data.train, self._loss_fn(model, size, teacher), self.cfg.train, name=plan.name)
+        fit(model, data.train_loader(size), self._loss_fn(model, teacher), self.cfg.train, name=plan.name)
         model = model.cpu().eval()
-        val_acc = evaluate(model, data.val, input_size=size)
+        val_acc = evaluate(model, data.eval_loader("val", size))
         cx = count(model, size, data.input_spec.channels)
         log.info("%s: res %d depths %s widths %s flops %.2fM (x%.2f) params %.3fM acts %.3fM val_acc %.4f",
                  plan.name, plan.resolution, plan.arch["depths"], plan.arch["widths"], cx.flops / 1e6,
@@ -108,15 +109,13 @@ class Scaling(Method):
         trained: dict[int, _Trained] = {}
         if cfg.distill:
             if teacher is not None:
-                teacher_model = teacher.model.to(device).eval()
+                teacher_model = _Resized(teacher.model.to(device).eval(), data.input_spec.size)
             else:
                 # No teacher given: train the largest member first and distil the others from it.
                 largest = max(order, key=lambda i: plans[i].complexity.flops)
                 trained[largest] = self._train_one(plans[largest], data, None, device)
-                teacher_model = copy.deepcopy(trained[largest].model).to(device).eval()
                 big_size = (plans[largest].resolution,) * 2
-                inner = teacher_model
-                teacher_model = _Resized(inner, big_size)
+                teacher_model = _Resized(copy.deepcopy(trained[largest].model).to(device).eval(), big_size)
         for i in order:
             if i not in trained:
                 trained[i] = self._train_one(plans[i], data, teacher_model, device)

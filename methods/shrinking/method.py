@@ -11,11 +11,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
-from podium.methods.base import Anchor, AnchorSpec, Candidate, CandidateSpace, DataBundle, DataShape, Method
+from podium.methods.base import Anchor, AnchorSpec, Candidate, CandidateSpace, DataShape, Method
 from podium.methods.catalog import register_method
 from podium.methods.complexity import count
+from podium.methods.data import DataBundle
 from podium.methods.losses import soft_target_ce
 from podium.methods.profiling import DeviceProfile, LatencyStats, measure
 from podium.methods.shrinking.config import PhaseConfig, ShrinkingConfig, describe_space
@@ -24,27 +24,20 @@ from podium.methods.shrinking.predictor import AccuracyPredictor, encode_arch, t
 from podium.methods.shrinking.search import SearchResult, evolutionary_search
 from podium.methods.shrinking.space import Arch, OpenSpace, _as_arch
 from podium.methods.shrinking.supernet import OFASubnet, OFASupernet, extract_subnet
-from podium.methods.train import evaluate, fit, pick_device, recalibrate_bn, resize
+from podium.methods.train import evaluate, fit, pick_device, recalibrate_bn
 
 log = logging.getLogger("podium.shrinking")
 
 
-def fixed_subset_loader(loader: DataLoader, num_batches: int) -> DataLoader:
-    """The first ``num_batches`` batches' worth of the training set, in a fixed order (BN recalibration)."""
-    n = min(len(loader.dataset), num_batches * (loader.batch_size or 1))
-    return DataLoader(Subset(loader.dataset, range(n)), batch_size=loader.batch_size, shuffle=False)
-
-
 def phase_loss(supernet: OFASupernet, teacher: nn.Module | None, space: OpenSpace, phase: PhaseConfig,
                cfg: ShrinkingConfig, rng: random.Random) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
-    """Per step: one resolution (elastic in every phase, as in OFA); teacher forward once (no grad,
-    same resolution); the summed loss of ``subnets_per_step`` sub-networks sampled from the space
+    """Per step: the batch's resolution (the loader reads each batch at one of the open resolutions,
+    elastic in every phase, as in OFA); teacher forward once (no grad, same resolution); the summed loss of ``subnets_per_step`` sub-networks sampled from the space
     open so far (CE with label smoothing + kd_weight * soft-target CE against the teacher)."""
     units = len(cfg.unit_widths)
 
     def loss_fn(images: torch.Tensor, labels: torch.Tensor, _step: int) -> torch.Tensor:
-        r = rng.choice(space.resolutions)
-        x = resize(images, (r, r))
+        x, r = images, images.shape[-1]
         soft = None
         if teacher is not None and cfg.kd_weight > 0:
             with torch.no_grad():
@@ -76,7 +69,7 @@ class Shrinking(Method):
         self.cfg = cfg or ShrinkingConfig()
 
     def fit(self, data: DataBundle, anchors: Sequence[Anchor] = (), teacher: Anchor | None = None) -> "ShrinkSpace":
-        """Progressive shrinking on ``data.train``, then the accuracy predictor's data.
+        """Progressive shrinking on the training split, then the accuracy predictor's data.
 
         The distillation teacher is the supernet's own full network after the first phase, as in
         the paper; ``anchors`` and ``teacher`` are not used by this method.
@@ -95,7 +88,8 @@ class Shrinking(Method):
                 supernet.sort_channels()
             train_cfg = cfg.train.model_copy(update={"epochs": phase.epochs, "max_steps": phase.max_steps,
                                                      "lr": cfg.train.lr * phase.lr_mult, "seed": cfg.train.seed + i})
-            result = fit(supernet, data.train, phase_loss(supernet, kd_teacher, space, phase, cfg, rng), train_cfg,
+            loss_fn = phase_loss(supernet, kd_teacher, space, phase, cfg, rng)
+            result = fit(supernet, data.train_loader(space.resolutions), loss_fn, train_cfg,
                          name=f"shrinking/{phase.name}", rngs=[rng])
             history.append({"phase": phase.name, "steps": result.steps, "final_loss": result.final_loss,
                             "wall_s": result.wall_s, "kernels": list(space.kernels), "depths": list(space.depths),
@@ -115,15 +109,15 @@ class Shrinking(Method):
 class ShrinkSpace(CandidateSpace):
     """The trained supernet as a candidate space: a per-device search yields the best few sub-nets.
 
-    Sub-network accuracies (predictor training data and candidate ``val_acc``) are measured on
-    ``data.val`` after BN recalibration on a fixed subset of ``data.train``.
+    Sub-network accuracies (predictor training data and candidate ``val_acc``) are measured on the
+    validation split at the sub-network's resolution, after BN recalibration on a fixed subset of the
+    training images read at that resolution.
     """
 
     def __init__(self, cfg: ShrinkingConfig, supernet: OFASupernet, data: DataBundle) -> None:
         self.cfg, self.supernet, self.data = cfg, supernet, data
         self.space = OpenSpace.full(cfg)
         self.units = len(cfg.unit_widths)
-        self.calib_loader = fixed_subset_loader(data.train, cfg.bn_recalibration_batches)
         self.history: list[dict] = []
         self.predictor: AccuracyPredictor | None = None
         self.predictor_report: dict[str, float] = {}
@@ -140,12 +134,13 @@ class ShrinkSpace(CandidateSpace):
         """Extracted, BN-recalibrated (at its resolution), eval-mode sub-network on CPU."""
         arch = _as_arch(arch)
         net = extract_subnet(self.supernet, arch).cpu()
-        recalibrate_bn(net, self.calib_loader, self.cfg.bn_recalibration_batches, (arch.resolution,) * 2)
+        n = self.cfg.bn_recalibration_batches * self.data.cfg.batch_size
+        recalibrate_bn(net, self.data.eval_loader("train", arch.resolution, limit=n))
         return net.eval()
 
     def evaluate_arch(self, arch: Arch | dict[str, Any]) -> float:
         arch = _as_arch(arch)
-        return evaluate(self.subnet(arch), self.data.val, (arch.resolution,) * 2)
+        return evaluate(self.subnet(arch), self.data.eval_loader("val", arch.resolution))
 
     # accuracy predictor ---------------------------------------------------------------------
     def fit_predictor(self) -> dict[str, float]:
@@ -191,7 +186,7 @@ class ShrinkSpace(CandidateSpace):
         """Extract, recalibrate BN, evaluate on val, count complexity, and (for a device) measure."""
         net = self.subnet(arch)
         size = (arch.resolution, arch.resolution)
-        metrics: dict[str, float] = {"val_acc": evaluate(net, self.data.val, size)}
+        metrics: dict[str, float] = {"val_acc": evaluate(net, self.data.eval_loader("val", size))}
         metrics.update({k: float(v) for k, v in count(net, size, self.supernet.in_chans).as_dict().items()})
         if device is not None:
             stats = self.measure_arch(arch, device, net)

@@ -20,18 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from podium.methods import families
-from podium.methods.base import (
-    Anchor,
-    AnchorSpec,
-    Candidate,
-    CandidateSpace,
-    DataBundle,
-    DataShape,
-    Method,
-    StrictModel,
-)
+from podium.methods.base import Anchor, AnchorSpec, Candidate, CandidateSpace, DataShape, Method, StrictModel
 from podium.methods.catalog import register_method
 from podium.methods.complexity import count
+from podium.methods.data import DataBundle
 from podium.methods.families import AnchorParts
 from podium.methods.losses import hard_distillation
 from podium.methods.pareto import pareto_front
@@ -193,17 +185,21 @@ class Stitching(Method):
         configs = enumerate_stitches(parts, names, shapes, cfg.window, cfg.stride, cfg.stages, cfg.front_blocks)
         layers = build_stitch_layers(parts, shapes, configs).to(device)
         log.info("stitching %s: %d configurations (%d stitching layers)", " < ".join(names), len(configs), len(layers))
-        init_stitch_layers(parts, layers, configs, data.train, cfg.init, cfg.ls_batches)
+        batch = data.cfg.batch_size  # LS init and BN statistics from fixed training images, the same in every process
+        init_stitch_layers(parts, layers, configs, data.eval_loader("train", limit=cfg.ls_batches * batch), cfg.init,
+                           cfg.ls_batches)
         supernet = StitchSupernet(parts, layers, configs).to(device)
 
         if cfg.joint_training:
             self._train(supernet, data, teacher, in_chans, size)
         results = []
+        calibration = data.eval_loader("train", limit=cfg.bn_recalibration_batches * batch)
+        val = data.eval_loader("val")
         for c in configs:
             model = assemble(parts, layers, c, standalone=True).to(device)
             if cfg.bn_recalibration_batches:
-                recalibrate_bn(model, data.train, cfg.bn_recalibration_batches)
-            acc = evaluate(model, data.val)
+                recalibrate_bn(model, calibration)
+            acc = evaluate(model, val)
             model = model.cpu().eval()
             metrics = {"val_acc": acc, **count(model, size, in_chans).as_dict()}
             log.info("%s: val_acc %.4f flops %d", c.name, acc, metrics["flops"])
