@@ -8,13 +8,14 @@ accumulation, the weight EMA, progress lines and the step budget. Methods that s
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import random
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import timm.optim
 import torch
@@ -40,6 +41,9 @@ class TrainConfig(StrictModel):
     epochs: float = 5.0  # may be fractional; ``max_steps`` caps it further
     max_steps: int | None = None  # optimizer steps, as are ``warmup_steps`` and the schedule
     lr: float = 0.05
+    # lr_batch: ``lr`` is the learning rate for this many images per optimizer step, scaled linearly to
+    # the global batch actually used (Goyal et al.); None: ``lr`` is used as it is
+    lr_batch: int | None = Field(None, ge=1)
     optimizer: str = "sgd"  # any of timm.optim.list_optimizers(): sgd (nesterov), adamw, lamb, rmsproptf, ...
     momentum: float = 0.9  # for the optimizers that take one
     weight_decay: float = 5e-4  # not on biases and norm parameters
@@ -59,6 +63,41 @@ class TrainConfig(StrictModel):
             raise ValueError(f"unknown optimizer {name!r}: not one of timm.optim.list_optimizers() (sgd, adamw, "
                              f"lamb, rmsproptf, ...)")
         return name
+
+
+@dataclass
+class TrainingCost:
+    """What trainings cost inside :func:`measure_cost`: images through forward and backward (every
+    process together), optimizer steps and seconds spent in :func:`fit`."""
+
+    images: int = 0
+    steps: int = 0
+    train_s: float = 0.0
+
+
+_COSTS: contextvars.ContextVar[tuple[TrainingCost, ...]] = contextvars.ContextVar("podium_training_costs", default=())
+
+
+@contextlib.contextmanager
+def measure_cost() -> Iterator[TrainingCost]:
+    """Sum the cost of every :func:`fit` in this block (meters nest: an outer one counts inner fits too)."""
+    meter = TrainingCost()
+    token = _COSTS.set((*_COSTS.get(), meter))
+    try:
+        yield meter
+    finally:
+        _COSTS.reset(token)
+
+
+def _add_cost(images: int, steps: int, seconds: float) -> None:
+    for meter in _COSTS.get():
+        meter.images += images
+        meter.steps += steps
+        meter.train_s += seconds
+
+
+def _batch_size(loader: Any) -> int:
+    return getattr(loader, "batch_size", None) or loader.batch_sampler.batch_size
 
 
 @dataclass
@@ -82,6 +121,11 @@ def pick_device(preference: str | None = None) -> torch.device:
 def model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+def scaled_lr(cfg: TrainConfig, images_per_step: int) -> float:
+    """``cfg.lr``, scaled linearly from ``cfg.lr_batch`` images per step to ``images_per_step``."""
+    return cfg.lr if cfg.lr_batch is None else cfg.lr * images_per_step / cfg.lr_batch
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
@@ -156,7 +200,9 @@ def fit(
     channels_last = uses_channels_last(cfg.channels_last, model, device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = optimizer or make_optimizer(model, cfg)
+    sharded = getattr(loader, "sharded", False)
+    images_per_step = _batch_size(loader) * cfg.accumulate * (distributed.world_size() if sharded else 1)
+    optimizer = optimizer or make_optimizer(model, cfg, scaled_lr(cfg, images_per_step))
     per_epoch = math.ceil(len(loader) / cfg.accumulate)
     steps = total_steps(cfg, per_epoch)
     scheduler = make_scheduler(optimizer, steps, cfg.warmup_steps)  # before a resume overwrites the lrs
@@ -164,7 +210,6 @@ def fit(
     stateful = {"model": model, "optimizer": optimizer, "ema": ema.module if ema else None, "scaler": scaler}
     stateful = {key: part for key, part in stateful.items() if part is not None}
     shuffle = loader.generator  # None: the sampler draws from torch's global generator
-    sharded = getattr(loader, "sharded", False)
     torch.manual_seed(cfg.seed)
     saved = _load_checkpoint(env, name, stateful, steps, cfg.accumulate)
     step, batch, loss_value = (saved["step"], saved["batch"], saved["loss"]) if saved else (0, 0, float("nan"))
@@ -239,6 +284,7 @@ def fit(
         _save_checkpoint(env, name, stateful, steps, cfg.accumulate, step, batch, loss_value, epoch_rng,
                          capture_rng(shuffle, rngs))
     wall = time.perf_counter() - start
+    _add_cost(seen * (distributed.world_size() if sharded else 1), step - start_step, wall)
     return TrainResult(steps=step, final_loss=loss_value, images_per_s=seen / max(wall, 1e-9), wall_s=wall,
                        resumed_at=start_step)
 
