@@ -80,8 +80,11 @@ class CandidateSpace(ABC):
 
     ``device`` is a :class:`podium.methods.profiling.DeviceProfile` or None (all candidates). Spaces
     too large to enumerate search per device and yield the top few. ``report`` (numbers and small
-    JSON) and ``tables`` (rows the run report logs and plots) are optional.
+    JSON) and ``tables`` (rows the run report logs and plots) are optional. ``training_cost`` is set by
+    :func:`podium.methods.train.fit_method` (a :class:`~podium.methods.train.TrainingCost`).
     """
+
+    training_cost: Any = None
 
     @abstractmethod
     def candidates(self, device: Any = None) -> Iterable[Candidate]: ...

@@ -30,6 +30,7 @@ from podium.methods.base import StrictModel
 from podium.methods.checkpoint import TrainingEnv, capture_rng, current_env, restore_rng
 
 if TYPE_CHECKING:
+    from podium.methods.base import CandidateSpace, Method
     from podium.methods.data import Loader
 
 log = logging.getLogger("podium.train")
@@ -73,6 +74,11 @@ class TrainingCost:
     images: int = 0
     steps: int = 0
     train_s: float = 0.0
+    wall_s: float = 0.0  # set by fit_method: the whole Method.fit, evaluation and search included
+    device_s: float = 0.0  # wall_s times the processes (devices) it ran on
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"train_images": float(self.images), "train_wall_s": self.wall_s, "train_device_s": self.device_s}
 
 
 _COSTS: contextvars.ContextVar[tuple[TrainingCost, ...]] = contextvars.ContextVar("podium_training_costs", default=())
@@ -87,6 +93,18 @@ def measure_cost() -> Iterator[TrainingCost]:
         yield meter
     finally:
         _COSTS.reset(token)
+
+
+def fit_method(method: "Method", data: Any, anchors: Sequence[Any] = (), teacher: Any = None) -> "CandidateSpace":
+    """``method.fit(data, anchors, teacher)`` with what it cost attached as ``space.training_cost``, so that
+    methods are compared at equal cost: images trained on, wall seconds and device-seconds."""
+    start = time.perf_counter()
+    with measure_cost() as cost:
+        space = method.fit(data, anchors, teacher)
+    cost.wall_s = time.perf_counter() - start
+    cost.device_s = cost.wall_s * distributed.world_size()
+    space.training_cost = cost
+    return space
 
 
 def _add_cost(images: int, steps: int, seconds: float) -> None:

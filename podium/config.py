@@ -49,12 +49,53 @@ class StoreConfig(StrictModel):
     endpoint_url: str | None = None  # else AWS_ENDPOINT_URL / boto3's own resolution
 
 
+# Each adaptation's own recipe (``train`` overrides it field by field).
+ADAPT_RECIPES: dict[str, dict[str, Any]] = {
+    "scratch": {"epochs": 4, "lr": 0.1},  # no pretrained weights: the whole model trained here
+    "finetune": {"epochs": 4, "lr": 0.01, "lr_batch": 256, "weight_decay": 1e-4, "warmup_steps": 10},
+    "head": {"epochs": 4, "lr": 0.1, "lr_batch": 256, "weight_decay": 0.0},  # a linear probe
+}
+
+
 class AnchorConfig(StrictModel):
+    """A model methods build on: its architecture, where its weights come from, how it is adapted.
+
+    ``adapt`` (None: ``finetune`` without pretrained weights; with them ``none`` when their classifier
+    already has the dataset's classes, else ``head``): ``none`` uses the weights untouched, ``head``
+    trains a new classifier on frozen features, ``finetune`` trains every weight with ``train``.
+    """
+
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
     arch: dict[str, Any]
-    checkpoint: str | None = None  # local path or s3:// URI of a safetensors state dict
+    checkpoint: str | None = None  # local path or s3:// URI: safetensors, or any timm checkpoint for a timm arch
     timm_hub: bool = False  # allow downloading timm hub weights (opt-in: needs network)
-    train: TrainConfig = TrainConfig(epochs=4, lr=0.1)
+    adapt: Literal["none", "head", "finetune"] | None = None
+    train: dict[str, Any] = Field(default_factory=dict)  # overrides of the adaptation's recipe (TrainConfig fields)
+
+    @model_validator(mode="after")
+    def _adapt_needs_weights(self) -> "AnchorConfig":
+        if self.adapt in ("none", "head") and not self.pretrained:
+            raise ValueError(f"anchor {self.name!r}: adapt: {self.adapt} needs pretrained weights "
+                             f"(a checkpoint, or timm_hub: true)")
+        try:
+            self.recipe("finetune")  # a wrong TrainConfig field fails at load time, not mid-run
+        except ValidationError as exc:
+            raise ValueError(f"train.{_first_error(exc)}") from None
+        return self
+
+    @property
+    def pretrained(self) -> bool:
+        return self.checkpoint is not None or self.timm_hub
+
+    def recipe(self, adapt: str) -> TrainConfig:
+        """The training recipe of ``adapt`` (``scratch`` for a model without pretrained weights)."""
+        return TrainConfig.model_validate({**ADAPT_RECIPES[adapt], **self.train})
+
+
+class TeacherConfig(AnchorConfig):
+    """A distillation teacher that need not be an anchor (SN-Net distils from RegNetY-160)."""
+
+    name: str = Field("teacher", pattern=r"^[a-z0-9][a-z0-9_-]*$")
 
 
 class DevicesConfig(StrictModel):
@@ -79,7 +120,7 @@ class PodiumConfig(StrictModel):
     tracking: TrackingConfig = TrackingConfig()
     store: StoreConfig = StoreConfig()
     anchors: list[AnchorConfig] = Field(min_length=1)
-    teacher: str | None = None  # an anchor name; None = the largest anchor
+    teacher: str | TeacherConfig | None = None  # an anchor's name, any model, or None: the largest anchor
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
     devices: DevicesConfig = DevicesConfig()
     runtime: RuntimeConfig = RuntimeConfig()
@@ -89,7 +130,7 @@ class PodiumConfig(StrictModel):
         names = [a.name for a in self.anchors]
         if len(set(names)) != len(names):
             raise ValueError(f"anchor names must be unique, got {names}")
-        if self.teacher is not None and self.teacher not in names:
+        if isinstance(self.teacher, str) and self.teacher not in names:
             raise ValueError(f"teacher {self.teacher!r} is not an anchor ({', '.join(names)})")
         return self
 

@@ -97,12 +97,13 @@ def _registry(uri: str, artifact_root: str) -> ModelRegistry:
 
 
 def load_data(ctx: RunContext, ref: DatasetRef) -> DataBundle:
-    """The run's dataset (memoised per process). Normalised with the first hub-pretrained anchor's
-    mean/std when there is one (what its weights expect), else with ``data.mean/std`` or measured."""
+    """The run's dataset (memoised per process). Normalised with the mean/std the first pretrained timm
+    anchor's weights expect (hub or checkpoint: timm's ``pretrained_cfg``), else with ``data.mean/std``
+    or measured."""
     from podium.data import load_bundle
     from podium.methods.families.timm_hub import pretrained_stats
 
-    hub = next((a for a in ctx.cfg.anchors if a.timm_hub and a.arch.get("family") == "timm"), None)
+    hub = next((a for a in ctx.cfg.anchors if a.pretrained and a.arch.get("family") == "timm"), None)
     mean, std = pretrained_stats(hub.arch["name"]) if hub is not None else (None, None)
     return load_bundle(Path(ref.root), ctx.cfg.data, ref.data_hash, classes=list(ref.classes) if ref.classes else None,
                        mean=mean, std=std)

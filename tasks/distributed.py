@@ -24,6 +24,7 @@ from podium.methods import distributed
 from podium.methods.base import Anchor, CandidateSpace
 from podium.methods.catalog import get_method
 from podium.methods.checkpoint import training_env
+from podium.methods.train import fit_method
 from podium.tasks.common import DatasetRef, RunContext, load_data, training_env_for
 
 log = logging.getLogger("podium.tasks.distributed")
@@ -65,7 +66,7 @@ def main(job: Path, out: Path) -> None:
     data = load_data(ctx, ref)
     env, _checkpoints = training_env_for(ctx, training_key)
     with training_env(dataclasses.replace(env, device=device)):
-        space = get_method(method).method(ctx.cfg.method_config(method)).fit(data, anchors, teacher)
+        space = fit_method(get_method(method).method(ctx.cfg.method_config(method)), data, anchors, teacher)
     if distributed.is_primary():
         atomic_write_bytes(out, cloudpickle.dumps(space))
     distributed.close()

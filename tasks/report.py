@@ -38,6 +38,7 @@ def device_rows(pool: list[MeasuredCandidate], device: DeviceProfile, outcome: O
             "candidate": cand.name, "method": cand.method, "val_acc": cand.metrics["val_acc"],
             "flops": cand.metrics.get("flops"), "p50_ms": s.p50_ms if s else None,
             "budget_ms": device.latency_budget_ms,
+            "train_images": cand.metrics.get("train_images"), "train_device_s": cand.metrics.get("train_device_s"),
             "winner": bool(outcome and outcome.winner == cand.name),
             "alias": (f"{device.name} -> v{outcome.version}" if outcome and outcome.winner == cand.name
                       and outcome.alias_moved else ""),
@@ -56,8 +57,17 @@ def format_table(device: DeviceProfile, rows: list[dict], outcome: Outcome | Non
                      f"{r['budget_ms']:>7.3g}  {mark}")
     if outcome is not None:
         alias = f"alias {device.name} -> v{outcome.version}" if outcome.alias_moved else "alias unchanged"
-        lines.append(f"winner: {outcome.winner or 'none'} ({alias}; {outcome.reason})")
+        won = next((r for r in rows if r["winner"]), None)
+        lines.append(f"winner: {outcome.winner or 'none'} ({alias}; {outcome.reason})"
+                     + (f"; cost: {training_cost(won)}" if won else ""))
     return "\n".join(lines)
+
+
+def training_cost(row: dict) -> str:
+    """What it cost to get a candidate: its method's training (an anchor's is not counted here)."""
+    if row.get("train_images") is None:
+        return "anchor (acquired, not trained by a method)"
+    return f"{row['train_images'] / 1e3:.1f}k images, {row['train_device_s']:.0f} device-s"
 
 
 def cached_plot(cache_dir: Path, what: dict[str, Any], code: tuple[Any, ...], path: Path,
@@ -89,15 +99,15 @@ def _device_plot(ctx: RunContext, device: DeviceProfile, rows: list[dict], path:
 
 
 def winners_markdown(outcomes: list[Outcome], tables: dict[str, list[dict]]) -> str:
-    lines = ["| device | winner | method | val_acc | p50 ms | budget ms | version | alias |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| device | winner | method | val_acc | p50 ms | budget ms | training cost | version | alias |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for o in outcomes:
         row = next((r for r in tables.get(o.device, []) if r["winner"]), None)
         if row is None:
-            lines.append(f"| {o.device} | none | | | | | | {o.reason} |")
+            lines.append(f"| {o.device} | none | | | | | | | {o.reason} |")
             continue
         lines.append(f"| {o.device} | {o.winner} | {row['method']} | {row['val_acc']:.4f} | {row['p50_ms']:.3f} | "
-                     f"{row['budget_ms']:.3g} | v{o.version} | {'moved' if o.alias_moved else 'kept'}: {o.reason} |")
+                     f"{row['budget_ms']:.3g} | {training_cost(row)} | v{o.version} | {'moved' if o.alias_moved else 'kept'}: {o.reason} |")
     return "\n".join(lines)
 
 

@@ -27,6 +27,7 @@ from podium.methods.catalog import get_method
 from podium.methods.checkpoint import training_env
 from podium.methods.families import FAMILIES
 from podium.methods.profiling import DeviceProfile
+from podium.methods.train import fit_method
 from podium.tasks.common import (
     TRANSIENT_RETRIES,
     DatasetRef,
@@ -51,7 +52,7 @@ def training_keys(ctx: RunContext, ref: DatasetRef, anchors: list[Anchor], teach
     keys = {}
     for method in ctx.cfg.methods:
         parts = {"data": ref.data_hash, "config": ctx.cfg.methods[method], "data_cfg": data_cfg,
-                 "anchors": anchor_digests, "teacher": teacher.name if teacher else None,
+                 "anchors": anchor_digests, "teacher": state_digest(teacher.model) if teacher else None,
                  "code": get_method(method).source_digest() + shared_code}
         keys[method] = f"{method}-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
     return keys
@@ -89,7 +90,12 @@ def train_method(ctx: RunContext, ref: DatasetRef, method: str, anchors: list[An
         space = fit_distributed(ctx, ref, method, anchors, teacher, key)
     else:
         with training_env(env):  # every fit inside checkpoints and resumes
-            space = get_method(method).method(ctx.cfg.method_config(method)).fit(load_data(ctx, ref), anchors, teacher)
+            space = fit_method(get_method(method).method(ctx.cfg.method_config(method)), load_data(ctx, ref), anchors,
+                               teacher)
+    if space.training_cost is not None:
+        ctx.registry.log_metrics(ctx.run_id, space.training_cost.as_metrics(), prefix=f"{method}.")
+        log.info("%s: trained on %d images in %.1f s (%.1f device-s)", method, space.training_cost.images,
+                 space.training_cost.wall_s, space.training_cost.device_s)
     report = space.report()
     if report:
         ctx.registry.log_dict(ctx.run_id, report, f"methods/{method}/report.json")
@@ -103,6 +109,9 @@ def offer_candidates(ctx: RunContext, method: str, space: CandidateSpace, device
                      key: str) -> dict[str, list[Candidate]]:
     """The candidates ``space`` offers each device (a space may search per device)."""
     per_device = {device.name: list(space.candidates(device)) for device in devices}
+    if space.training_cost is not None:  # what it cost to get them, next to each candidate's figures
+        for cand in (c for cands in per_device.values() for c in cands):
+            cand.metrics.update(space.training_cost.as_metrics())
     log.info("%s: %d candidates", method, len({c.name for cands in per_device.values() for c in cands}))
     return per_device
 

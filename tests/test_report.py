@@ -32,3 +32,18 @@ def test_device_plot_is_reused_only_for_the_same_drawing(tmp_path: Path, monkeyp
     report._device_plot(ctx, device, [{**rows[0], "winner": False}, rows[1]], tmp_path / "4.png")
     report._device_plot(ctx, device.model_copy(update={"latency_budget_ms": 3.0}), rows, tmp_path / "5.png")
     assert len(drawn) == 4
+
+
+def test_the_winner_is_shown_with_what_it_cost_to_get_it() -> None:
+    from podium.tasks.release import Outcome
+
+    device = DeviceProfile(name="cpu", latency_budget_ms=2.0)
+    rows = [{"candidate": "sd-exit4", "method": "self_distill", "val_acc": 0.97, "flops": 1.0, "p50_ms": 1.0,
+             "budget_ms": 2.0, "train_images": 45_250.0, "train_device_s": 61.4, "winner": True, "alias": ""},
+            {"candidate": "anchor-a", "method": "anchor", "val_acc": 0.9, "flops": 2.0, "p50_ms": 1.5,
+             "budget_ms": 2.0, "train_images": None, "train_device_s": None, "winner": False, "alias": ""}]
+    outcome = Outcome(device="cpu", winner="sd-exit4", version="3", alias_moved=True, reason="beats the champion")
+    assert "cost: 45.2k images, 61 device-s" in report.format_table(device, rows, outcome)
+    table = report.winners_markdown([outcome], {"cpu": rows})
+    assert "| 45.2k images, 61 device-s | v3 |" in table
+    assert report.training_cost(rows[1]).startswith("anchor")
