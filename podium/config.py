@@ -5,13 +5,14 @@ naming the file and the dotted path of the bad field.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, create_model, model_validator
 
 from podium.devices import DEFAULT_INVENTORY
 from podium.errors import ConfigError
@@ -49,6 +50,19 @@ class StoreConfig(StrictModel):
     endpoint_url: str | None = None  # else AWS_ENDPOINT_URL / boto3's own resolution
 
 
+def partial_model(model: type[StrictModel]) -> type[StrictModel]:
+    """``model`` with every field optional (default None), for overrides of a preset: errors still
+    name the field (``anchors.0.train.lr``) and ``model_dump(exclude_unset=True)`` gives what was set."""
+    fields: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        optional = copy.copy(info)
+        optional.default, optional.default_factory = None, None
+        fields[name] = (info.annotation | None, optional)
+    return create_model(f"Partial{model.__name__}", __base__=StrictModel, **fields)
+
+
+TrainOverrides = partial_model(TrainConfig)
+
 # Each adaptation's own recipe (``train`` overrides it field by field).
 ADAPT_RECIPES: dict[str, dict[str, Any]] = {
     "scratch": {"epochs": 4, "lr": 0.1},  # no pretrained weights: the whole model trained here
@@ -70,7 +84,7 @@ class AnchorConfig(StrictModel):
     checkpoint: str | None = None  # local path or s3:// URI: safetensors, or any timm checkpoint for a timm arch
     timm_hub: bool = False  # allow downloading timm hub weights (opt-in: needs network)
     adapt: Literal["none", "head", "finetune"] | None = None
-    train: dict[str, Any] = Field(default_factory=dict)  # overrides of the adaptation's recipe (TrainConfig fields)
+    train: TrainOverrides = TrainOverrides()  # overrides of the adaptation's recipe (TrainConfig fields)
 
     @model_validator(mode="after")
     def _adapt_needs_weights(self) -> "AnchorConfig":
@@ -89,7 +103,7 @@ class AnchorConfig(StrictModel):
 
     def recipe(self, adapt: str) -> TrainConfig:
         """The training recipe of ``adapt`` (``scratch`` for a model without pretrained weights)."""
-        return TrainConfig.model_validate({**ADAPT_RECIPES[adapt], **self.train})
+        return TrainConfig.model_validate({**ADAPT_RECIPES[adapt], **self.train.model_dump(exclude_unset=True)})
 
 
 class TeacherConfig(AnchorConfig):

@@ -112,7 +112,7 @@ def test_missing_or_mismatched_checkpoint_is_one_line(tmp_path, digits):
 def test_config_of_adaptation_and_of_a_teacher_that_is_no_anchor():
     with pytest.raises(ConfigError, match="adapt: head needs pretrained weights"):
         parse_config({"anchors": [{"name": "a", "arch": TINY, "adapt": "head"}]})
-    with pytest.raises(ConfigError, match=r"anchors\.0: .*train\.lrr"):
+    with pytest.raises(ConfigError, match=r"anchors\.0\.train\.lrr"):
         parse_config({"anchors": [{"name": "a", "arch": TINY, "train": {"lrr": 1}}]})
     cfg = parse_config({"anchors": [{"name": "a", "arch": TINY}],
                         "teacher": {"arch": {"family": "timm", "name": "regnety_160"}, "timm_hub": True,
