@@ -5,8 +5,10 @@ its measured latency (methods.profiling.measure, PyTorch eager, batch 1) and, ov
 the Pearson r of latency vs each metric (the paper's runtime analysis, on this machine).
 Latency does not depend on the weight values, so models are measured untrained unless
 ``--train-steps`` is given (then each is trained on the digits and its val accuracy shown).
+Members are pycls's rule at each s (the default); ``--match-flops`` searches the rule's s so that
+each member's realised flops factor is s, for a comparison at equal flops.
 
-    python bench/scaling.py [--family regnet|efficientnet] [--resolution 32] [--threads 1]
+    python bench/scaling.py [--family regnet|efficientnet] [--resolution 32] [--threads 1] [--match-flops]
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--max-seconds", type=float, default=4.0)
     parser.add_argument("--train-steps", type=int, default=0, help="train each model on the digits (0: skip)")
+    parser.add_argument("--match-flops", action="store_true", help="search s so realised flops are s x the base's")
     parser.add_argument("--plot", type=Path, default=None, help="write the correlation PNG here")
     args = parser.parse_args()
 
@@ -55,7 +58,7 @@ def main() -> None:
     measure(build(warm.arch, num_classes=10, in_chans=1).eval(), (1, warm.resolution, warm.resolution), profile)
     for strategy in ("dwr", "dWr"):
         base_kwargs = {"resolution": args.resolution}
-        cfg = ScalingConfig(family=args.family, strategy=strategy, scales=args.scales,
+        cfg = ScalingConfig(family=args.family, strategy=strategy, scales=args.scales, match_flops=args.match_flops,
                             base={**ScalingConfig(family=args.family).resolved_base().model_dump(), **base_kwargs})
         start = time.perf_counter()
         plans = plan_scales(cfg)
@@ -74,8 +77,8 @@ def main() -> None:
             rows.append((strategy, p.s, p.flops_factor, p.resolution, p.arch["depths"], p.arch["widths"], cx,
                          stats.p50_ms, stats.iqr_ms, accs.get(p.s)))
 
-    print(f"\nfamily={args.family} base_res={args.resolution} threads={args.threads} batch={args.batch_size} "
-          f"torch={torch.__version__}")
+    print(f"\nfamily={args.family} base_res={args.resolution} match_flops={args.match_flops} threads={args.threads} "
+          f"batch={args.batch_size} torch={torch.__version__}")
     header = (f"{'strategy':8} {'s':>4} {'flops x':>7} {'res':>4} {'depths':>14} {'widths':>20} {'MFLOPs':>8} "
               f"{'params K':>9} {'acts K':>8} {'p50 ms':>7} {'iqr':>6}" + (" val_acc" if data is not None else ""))
     print(header)

@@ -1,8 +1,9 @@
 """EfficientNet from explicit per-stage block strings (timm's ``EfficientNet``): what scaling produces.
 
 Scale hook (:func:`scale_efficientnet`): the pycls rule (:mod:`podium.methods.scaling.rule`)
-applied to depths and widths, and to the stem and head widths too (as in pycls); the group
-width is 1 (depthwise), so nothing else to keep compatible.
+applied to depths and widths, and to the stem and head widths too: what pycls's ``scale_model``
+does for ``effnet`` at the same ``s``. The group width is 1 (depthwise), so pycls's
+``adjust_block_compatibility`` leaves the widths as they are (integer expansion ratios).
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """RegNet of explicit per-stage depths, widths and group widths (timm's ``RegNet``): what scaling produces.
 
 Scale hook (:func:`scale_regnet`): the pycls rule (:mod:`podium.methods.scaling.rule`) applied to
-depths, widths and group widths; the stem and head are not scaled (as in pycls).
+depths, widths and group widths, as pycls's ``scale_model`` does for an AnyNet/RegNet at the same
+``s``; the stem and head are not scaled (as in pycls).
 """
 from __future__ import annotations
 

@@ -9,13 +9,17 @@ so params ∝ s^((1+α)/2) and activations ∝ s^(1-α/2). Uniform compound scal
 α = 1/3 (acts ∝ s^(5/6)); *fast* scaling ``dWr`` is α = 0.8 (acts ∝ s^0.6). The paper's point:
 runtime follows activations more closely than flops, so ``dWr`` runs faster at equal flops.
 
-Rounding follows pycls ``pycls/models/scaler.py``: per-stage depth ``max(1, round(d·depth))``,
-width ``max(1, round(w·width/8))·8``, the group width scaled with the width for fast scaling
-(otherwise the number of groups balloons) and snapped (≤2 kept, ≤5 → 4, else a multiple of 8),
-then widths made compatible with the group width; resolution ``round(r·res/4)·4``. RegNet's stem
-and head are not scaled (EfficientNet's stem and head widths are, as in pycls), so the realised
-flops factor differs from ``s`` for small bases; :func:`match_flops_scale` searches the ``s`` fed
-to the rule so the realised factor hits the target (on by default, ``ScalingConfig.match_flops``).
+By default a member is exactly what pycls ``pycls/models/scaler.py`` makes of the base at the same
+``s`` (its ``d1_w8_g8_r1`` is ``dWr``; ``dwr``, ``w``... are its letter types): per-stage depth
+``max(1, round(d·depth))`` (half to even), width ``max(1, round(w·width/8))·8``, the group width
+scaled with the width for fast scaling (otherwise the number of groups balloons) and snapped (≤2
+kept, ≤5 → 4, else a multiple of 8), then widths made compatible with the group width (pycls
+``blocks.adjust_block_compatibility``); resolution ``round(r·res/4)·4`` (the small digits bases
+round to 2, ``resolution_divisor``). RegNet's stem and head are not scaled (EfficientNet's stem and
+head widths are, as in pycls), so the realised flops factor differs from ``s``, by tens of percent
+for tiny bases; opt-in ``ScalingConfig.match_flops`` makes :func:`match_flops_scale` search the
+``s`` fed to the rule so that the realised factor hits the target instead. ``recipe: paper``
+trains with pycls's schedule for these models (:class:`ScalingConfig`).
 
 The package, by layer:
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -68,7 +69,7 @@ class Scaling(Method):
     name = METHOD_NAME
 
     def __init__(self, cfg: ScalingConfig):
-        self.cfg = cfg
+        self.cfg = cfg.variant(cfg.family)  # recipe paper: the EfficientNet schedule differs from RegNet's
 
     def _loss_fn(self, model: nn.Module, teacher: nn.Module | None):
         cfg = self.cfg
@@ -89,7 +90,9 @@ class Scaling(Method):
         torch.manual_seed(self.cfg.train.seed)
         model = build(plan.arch, num_classes=data.num_classes, in_chans=data.input_spec.channels).to(device)
         size = (plan.resolution, plan.resolution)
-        fit(model, data.train_loader(size), self._loss_fn(model, teacher), self.cfg.train, name=plan.name)
+        loader = data.train_loader(size)
+        train = self.cfg.train_config(steps_per_epoch=math.ceil(len(loader) / self.cfg.train.accumulate))
+        fit(model, loader, self._loss_fn(model, teacher), train, name=plan.name)
         model = model.cpu().eval()
         val_acc = evaluate(model, data.eval_loader("val", size))
         cx = count(model, size, data.input_spec.channels)
