@@ -359,6 +359,19 @@ class DataBundle:
         return DataBundle(splits=splits, class_names=self.class_names, input_spec=self.input_spec,
                           data_hash=self.data_hash, cfg=self.cfg, seed=self.seed, in_memory=self.in_memory)
 
+    def hold_out(self, images: int, split: str) -> "DataBundle":
+        """The same bundle with ``images`` training images, drawn at random with the bundle's seed,
+        moved out of ``train`` into a new split ``split``: data to fit or select on that training never
+        saw (Once-for-All's ``valid_size``: its accuracy predictor's data). The same draw in every process."""
+        train = self.splits["train"]
+        if not 0 < images < len(train):
+            raise ValueError(f"cannot hold out {images} of the {len(train)} training images")
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        kept, held = sorted(order[images:]), sorted(order[:images])
+        splits = {**self.splits, "train": train.take(kept), split: train.take(held)}
+        return DataBundle(splits=splits, class_names=self.class_names, input_spec=self.input_spec,
+                          data_hash=self.data_hash, cfg=self.cfg, seed=self.seed, in_memory=self.in_memory)
+
     def measure_mean_std(self, samples: int = 512) -> tuple[list[float], list[float]]:
         """Per-channel mean and std (pixels in [0, 1]) of evenly spaced training images, eval transform."""
         train = self.dataset("train")

@@ -1,6 +1,7 @@
 """Once-for-All progressive shrinking: elastic supernet, extraction, predictors, search."""
 from __future__ import annotations
 
+import copy
 import random
 
 import numpy as np
@@ -24,6 +25,7 @@ from podium.methods.shrinking import (
     extract_subnet,
     space_size,
 )
+from podium.methods.shrinking.method import HOLDOUT_SPLIT, phase_train_config
 from podium.methods.train import TrainConfig
 from tests.conftest import onnx_logits
 
@@ -69,9 +71,29 @@ def test_paper_space_size_matches_closed_form() -> None:
     assert space_size(small) == per_unit ** 2 * 2
 
 
-def test_paper_supernet_has_the_papers_size() -> None:
-    params = sum(p.numel() for p in OFASupernet(ShrinkingConfig.paper(), 3, 1000).parameters())
+def test_paper_recipe_from_yaml_is_the_papers_space_and_schedule() -> None:
+    cfg = ShrinkingConfig.model_validate({"recipe": "paper"})
+    assert len(cfg.unit_widths) == 5 and cfg.expand_choices == (3, 4, 6) and len(cfg.resolutions) == 25
+    params = sum(p.numel() for p in OFASupernet(cfg, 3, 1000).parameters())
     assert 7.0e6 < params < 8.5e6  # the paper: about 7.7 M
+    assert (cfg.train.lr, cfg.train.lr_batch, cfg.train.optimizer, cfg.train.weight_decay) == (2.6, 2048, "sgd", 3e-5)
+    lrs = {p.name: round(cfg.train.lr * p.lr_mult, 6) for p in cfg.phases}
+    assert lrs == {"full": 2.6, "kernel": 0.96, "depth-1": 0.08, "depth-2": 0.24, "width-1": 0.08, "width-2": 0.24}
+    assert [p.subnets_per_step for p in cfg.phases] == [1, 1, 2, 2, 4, 4]
+    assert (cfg.bn_recalibration_images, cfg.predictor.holdout_images, cfg.evolution.generations) == (2000, 10000, 500)
+    kernel = phase_train_config(cfg, cfg.phases[1], 1, batches_per_epoch=10)  # 5 of its 125 epochs warm up
+    assert (kernel.epochs, kernel.warmup_steps, kernel.lr) == (125, 50, pytest.approx(0.96))
+    assert ShrinkingConfig.paper() == cfg and ShrinkingConfig.model_validate({}) == ShrinkingConfig()
+    # YAML fields override the preset field by field; a phases list replaces the preset's whole
+    mine = ShrinkingConfig.model_validate({"recipe": "paper", "predictor": {"samples": 8}, "train": {"epochs": 2},
+                                           "phases": [{"name": "full", "elastic": "none", "epochs": 1}]})
+    assert (mine.predictor.samples, mine.predictor.holdout_images) == (8, 10000)
+    assert (mine.train.lr, mine.train.epochs) == (2.6, 2)
+    assert [p.name for p in mine.phases] == ["full"] and mine.unit_widths == cfg.unit_widths
+
+
+def test_bn_recalibration_images() -> None:
+    assert ShrinkingConfig().bn_recalibration_images == 256  # the demo: what 4 batches of 64 read before
 
 
 def test_kernel_transform_at_identity_is_centre_crop() -> None:
@@ -126,6 +148,33 @@ def test_channel_sorting_keeps_full_network_function() -> None:
     assert torch.all(se_importance[:-1] >= se_importance[1:])
 
 
+def test_second_width_phase_keeps_the_first_phases_channels_in_front() -> None:
+    """Width phase 2 (expand {3,4,6}) re-sorts with the channels expand 4 trained kept in front, as
+    the official re_organize_middle_weights(expand_ratio_stage=1): a plain sort would move them."""
+    torch.manual_seed(2)
+    block = ElasticMBConv(8, 8, 1, "relu", False, (3, 5, 7), (3, 4, 6)).eval()
+    _randomise(block, seed=2)
+    kept = 32  # make_divisible(8 * 4): the expand-4 width of width phase 1
+    with torch.no_grad():
+        block.project.weight[:, kept:] *= 10  # channels outside the phase-1 set are the most important
+        block.expand_conv.weight[:, 0, 0, 0] = torch.arange(block.max_mid, dtype=torch.float32)  # channel ids
+    x = torch.randn(2, 8, 12, 12)
+    with torch.no_grad():
+        before = {e: block(x, 5, e) for e in (4, 6)}
+    plain = copy.deepcopy(block)
+    plain.sort_channels()
+    assert set(plain.expand_conv.weight[:kept, 0, 0, 0].tolist()) != set(range(kept))  # it would move them
+    block.sort_channels(keep_in_front=(4, 6))
+    ids = block.expand_conv.weight[:, 0, 0, 0].tolist()
+    assert set(ids[:kept]) == set(range(kept))
+    importance = block.project.weight.abs().sum(dim=(0, 2, 3))
+    for part in (importance[:kept], importance[kept:]):  # sorted within the phase-1 set and beyond it
+        assert torch.all(part[:-1] >= part[1:])
+    with torch.no_grad():  # the phase-1 sub-network (expand 4) computes what it did, so does the full one
+        for e in (4, 6):
+            torch.testing.assert_close(block(x, 5, e), before[e], atol=1e-5, rtol=1e-5)
+
+
 def test_extracted_subnet_exports_to_onnx(supernet: OFASupernet, tmp_path) -> None:
     arch = OpenSpace.full(supernet.cfg).sample(2, random.Random(3))
     sub = extract_subnet(supernet, arch).eval()
@@ -153,6 +202,20 @@ def test_config_rejects_inconsistent_space() -> None:
         ShrinkingConfig(phases=[PhaseConfig(name="kernel", elastic="kernel")])
 
 
+def test_hold_out_moves_training_images_to_their_own_split(digits) -> None:
+    data = digits.subset(train=100, val=20)
+    held = data.hold_out(30, HOLDOUT_SPLIT)
+    train_ids = {id(a) for a in held.splits["train"].images}
+    holdout_ids = {id(a) for a in held.splits[HOLDOUT_SPLIT].images}
+    assert (len(train_ids), len(holdout_ids)) == (70, 30) and not train_ids & holdout_ids
+    assert train_ids | holdout_ids == {id(a) for a in data.splits["train"].images}
+    assert held.splits["val"] is data.splits["val"]
+    assert [id(a) for a in data.hold_out(30, HOLDOUT_SPLIT).splits[HOLDOUT_SPLIT].images] == \
+        [id(a) for a in held.splits[HOLDOUT_SPLIT].images]  # the same draw every time
+    with pytest.raises(ValueError):
+        data.hold_out(100, HOLDOUT_SPLIT)
+
+
 def _small(data: DataBundle, n_train: int = 128, n_val: int = 32) -> DataBundle:
     """A slice of the digits (fast): ``n_train`` training and ``n_val`` validation images, batches of 32."""
     small = data.subset(train=n_train, val=n_val)
@@ -160,20 +223,57 @@ def _small(data: DataBundle, n_train: int = 128, n_val: int = 32) -> DataBundle:
     return small
 
 
-def test_fit_and_search_end_to_end(digits) -> None:
+def test_fit_and_search_end_to_end(digits, monkeypatch) -> None:
     phases = [PhaseConfig(name="full", elastic="none", max_steps=3),
               PhaseConfig(name="kernel", elastic="kernel", max_steps=2, lr_mult=0.4),
               PhaseConfig(name="depth", elastic="depth", max_steps=2, lr_mult=0.3, subnets_per_step=2),
-              PhaseConfig(name="width", elastic="width", max_steps=2, lr_mult=0.3, subnets_per_step=2)]
+              PhaseConfig(name="width-1", elastic="width", num_choices=2, max_steps=1, lr_mult=0.3,
+                          subnets_per_step=2),
+              PhaseConfig(name="width-2", elastic="width", max_steps=1, lr_mult=0.3, subnets_per_step=2)]
     cfg = TINY.model_copy(update={"phases": phases, "train": TrainConfig(lr=0.05, log_every_s=60),
-                                  "predictor": TINY.predictor.model_copy(update={"samples": 4, "hidden": 32, "epochs": 20}),
+                                  "predictor": TINY.predictor.model_copy(update={"samples": 4, "hidden": 32,
+                                                                                 "epochs": 20, "holdout_images": 32}),
                                   "evolution": TINY.evolution.model_copy(update={"population": 12, "generations": 3,
                                                                                  "parents": 4, "mutation_children": 4,
                                                                                  "crossover_children": 4}),
-                                  "top_k": 2, "bn_recalibration_batches": 1, "lut_repeats": 3, "lut_warmup": 1})
-    space = Shrinking(cfg).fit(_small(digits))
-    assert [h["phase"] for h in space.history] == ["full", "kernel", "depth", "width"]
+                                  "top_k": 2, "bn_recalibration_images": 40, "lut_repeats": 3, "lut_warmup": 1})
+    data = _small(digits)
+    reads: list[tuple[str, int | None]] = []
+    trained_on: list[set[int]] = []
+    kept_in_front: list[tuple] = []
+    eval_loader, train_loader = DataBundle.eval_loader, DataBundle.train_loader
+    sort_channels = OFASupernet.sort_channels
+
+    def no_val(bundle, split="val", size=None, limit=None, batch_size=None):
+        if split == "val":
+            raise AssertionError("progressive shrinking or the accuracy predictor read val")
+        reads.append((split, limit))
+        return eval_loader(bundle, split, size, limit, batch_size)
+
+    def recording_train(bundle, sizes=None):
+        trained_on.append({id(a) for a in bundle.splits["train"].images})
+        return train_loader(bundle, sizes)
+
+    def recording_sort(net, keep_in_front=()):
+        kept_in_front.append(tuple(keep_in_front))
+        sort_channels(net, keep_in_front)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DataBundle, "eval_loader", no_val)
+        patch.setattr(DataBundle, "train_loader", recording_train)
+        patch.setattr(OFASupernet, "sort_channels", recording_sort)
+        space = Shrinking(cfg).fit(data)
+    assert [h["phase"] for h in space.history] == ["full", "kernel", "depth", "width-1", "width-2"]
     assert space.history[-1]["expands"] == [3, 4, 6] and space.history[-1]["kernels"] == [3, 5, 7]
+    assert kept_in_front == [(6,), (4, 6)]  # width phase 2 keeps what phase 1 trained in front
+    # the supernet trained on the training split less the hold-out, the predictor's targets came from it
+    holdout = {id(a) for a in space.data.splits[HOLDOUT_SPLIT].images}
+    assert len(holdout) == 32 and len(trained_on) == len(phases)
+    assert all(ids == trained_on[0] and not ids & holdout for ids in trained_on)
+    assert trained_on[0] | holdout == {id(a) for a in data.splits["train"].images}
+    assert reads.count((HOLDOUT_SPLIT, None)) == cfg.predictor.samples
+    assert set(reads) == {(HOLDOUT_SPLIT, None), ("train", 40)}  # BN statistics: 40 training images, not the hold-out
+    assert space.predictor_report["holdout_images"] == 32
     device = DeviceProfile(name="cpu-test", threads=1, latency_budget_ms=1000.0, warmup=1, min_repeats=3,
                            max_repeats=3, max_seconds=1.0)
     cands = list(space.candidates(device))

@@ -14,10 +14,15 @@ Elastic dimensions (see /work/shared/methods/shrinking.md):
   (25x25 for 7->5, 9x9 for 5->3) initialised to identity; a smaller kernel is the centre crop of
   the *transformed* next-larger kernel (K3 comes from the transformed K5, never from K7);
 - width: hidden channels sorted by the L1 norm of the projection conv's weights at the start of
-  each width phase (producer outputs and consumer inputs permuted together), a sub-network keeps
-  the first ``make_divisible(C_in * e, 8)``;
+  each width phase (producer outputs and consumer inputs permuted together), the channel sets of the
+  widths earlier width phases trained kept in front; a sub-network keeps the first
+  ``make_divisible(C_in * e, 8)``;
 - depth: a unit at depth D runs its first D blocks;
 - resolution: one input size sampled per step; the teacher sees the same size.
+
+The accuracy predictor learns from sub-networks' accuracies on training images held out of
+shrinking (``predictor.holdout_images``), never from ``val``, which only reports the candidates.
+``recipe: paper`` is OFA-MobileNetV3's space and the official schedule (:class:`ShrinkingConfig`).
 
 Files: ``config`` (the configuration, the space's size), ``space`` (architectures and the choices
 open so far), ``blocks`` (static and elastic blocks), ``supernet`` (the supernet, sub-networks and

@@ -189,15 +189,26 @@ class ElasticMBConv(nn.Module):
         return block
 
     @torch.no_grad()
-    def sort_channels(self) -> None:
+    def sort_channels(self, keep_in_front: Sequence[float] = ()) -> None:
         """Reorder hidden channels by importance (L1 of the projection's input weights), descending.
+
+        ``keep_in_front``: the expand ratios earlier width phases trained; the channels each of them
+        used (its first ``mid_channels``) stay in front as a set, sorted only among themselves, as the
+        official ``re_organize_middle_weights(expand_ratio_stage)`` does with its large penalties on
+        channels beyond the earlier widths.
 
         Producer outputs (expand conv + BN, depthwise filters + BN, SE expand) and consumer inputs
         (SE reduce, projection) move together, so the full block computes the same function; the
         SE's own hidden channels are then sorted by the L1 of the SE expand weights.
         """
         importance = self.project.weight.abs().sum(dim=(0, 2, 3))
-        idx = torch.argsort(importance, descending=True)
+        positions = torch.arange(self.max_mid, device=importance.device)
+        # group of a channel: how many of the kept widths its current position lies beyond
+        group = torch.zeros_like(positions)
+        for width in {mid_channels(self.in_ch, e) for e in keep_in_front}:
+            group += (positions >= width).long()
+        by_importance = torch.argsort(importance, descending=True, stable=True)
+        idx = by_importance[torch.argsort(group[by_importance], stable=True)]
         self.project.weight.data = self.project.weight.data.index_select(1, idx)
         self.expand_conv.weight.data = self.expand_conv.weight.data.index_select(0, idx)
         _permute_bn(self.expand_bn, idx)

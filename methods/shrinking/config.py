@@ -2,11 +2,12 @@
 the accuracy predictor and the evolutionary search; plus the space's size and a summary of it."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from podium.methods.base import StrictModel
+from podium.methods.recipes import RecipeConfig
 from podium.methods.train import TrainConfig
 
 Activation = Literal["relu", "hswish"]
@@ -17,7 +18,9 @@ class PhaseConfig(StrictModel):
 
     ``elastic`` names the dimension this phase opens ("none" = the full network, the teacher);
     ``num_choices`` how many of that dimension's choices are open after it, largest first
-    (None = all). Dimensions opened by earlier phases stay open.
+    (None = all). Dimensions opened by earlier phases stay open. ``warmup_epochs`` are part of
+    ``epochs``: the cosine decay runs over the rest (the official scripts' ``n_epochs`` plus
+    ``warmup_epochs``).
     """
 
     name: str
@@ -25,6 +28,7 @@ class PhaseConfig(StrictModel):
     num_choices: int | None = Field(None, ge=1)
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
+    warmup_epochs: float = Field(0.0, ge=0)  # > 0: replaces train.warmup_steps for this phase
     lr_mult: float = Field(1.0, gt=0)
     subnets_per_step: int = Field(1, ge=1)
 
@@ -43,26 +47,20 @@ class EvolutionConfig(StrictModel):
 
 
 class PredictorConfig(StrictModel):
-    """Accuracy predictor: an MLP over one-hot (K, E) per block slot + one-hot resolution."""
+    """Accuracy predictor: an MLP over one-hot (K, E) per block slot + one-hot resolution.
+
+    Its targets are accuracies on ``holdout_images`` training images kept out of progressive
+    shrinking (the official ``valid_size``), never on ``val``: ``val`` reports the candidates, and a
+    predictor fitted on it would pick the sub-networks that happen to do well there.
+    """
 
     samples: int = Field(60, ge=4)  # sub-networks evaluated (BN-recalibrated) to train it
+    holdout_images: int = Field(250, ge=1)  # ~20% of the bundled digits' 1,257 training images
     hidden: int = Field(400, ge=1)
     layers: int = Field(3, ge=1)
     epochs: int = Field(300, ge=1)
     lr: float = Field(1e-3, gt=0)
-    holdout: float = Field(0.2, ge=0, lt=1)  # fraction of samples kept to report its error
-
-
-def _paper_phases() -> list[PhaseConfig]:
-    """The paper's schedule (180/120/25/120/25/120 epochs) and learning rates relative to the full net."""
-    return [
-        PhaseConfig(name="full", elastic="none", epochs=180, lr_mult=1.0, subnets_per_step=1),
-        PhaseConfig(name="kernel", elastic="kernel", epochs=120, lr_mult=0.96 / 2.6, subnets_per_step=1),
-        PhaseConfig(name="depth-1", elastic="depth", num_choices=2, epochs=25, lr_mult=0.08 / 2.6, subnets_per_step=2),
-        PhaseConfig(name="depth-2", elastic="depth", epochs=120, lr_mult=0.24 / 2.6, subnets_per_step=2),
-        PhaseConfig(name="width-1", elastic="width", num_choices=2, epochs=25, lr_mult=0.08 / 2.6, subnets_per_step=4),
-        PhaseConfig(name="width-2", elastic="width", epochs=120, lr_mult=0.24 / 2.6, subnets_per_step=4),
-    ]
+    subnet_holdout_fraction: float = Field(0.2, ge=0, lt=1)  # evaluated sub-nets not fitted on: its reported error
 
 
 def _demo_phases() -> list[PhaseConfig]:
@@ -78,12 +76,53 @@ def _demo_phases() -> list[PhaseConfig]:
     ]
 
 
-class ShrinkingConfig(StrictModel):
+# The official learning rates at its 2048 images per step (64 per GPU x 32 GPUs, ``train_ofa_net.py``:
+# ``init_lr = base_lr * num_gpus``): 2.6 for the full network (the paper; the official repository only
+# downloads that network), 0.96 for the kernel phase (base_lr 3e-2), 0.08 / 0.24 for the first / second
+# depth and width phases (2.5e-3 / 7.5e-3). Phases give theirs relative to the full network's.
+PAPER_LR, PAPER_LR_BATCH = 2.6, 2048
+
+
+def _paper_phase(name: str, elastic: str, epochs: float, lr: float, subnets: int, num_choices: int | None = None,
+                 warmup_epochs: float = 0.0) -> dict[str, Any]:
+    return {"name": name, "elastic": elastic, "num_choices": num_choices, "epochs": epochs,
+            "warmup_epochs": warmup_epochs, "lr_mult": lr / PAPER_LR, "subnets_per_step": subnets}
+
+
+class ShrinkingConfig(RecipeConfig):
     """Supernet shape, search space, shrinking schedule, predictors and search.
 
-    The defaults are a tiny space for the bundled digits (32x32, 1 channel); ``paper()`` gives
-    OFA-MobileNetV3's space (5 units, depth {2,3,4}, expand {3,4,6}, kernel {3,5,7}, 25 resolutions).
+    The defaults (``recipe: demo``) are a tiny space for the bundled digits (32x32, 1 channel);
+    ``recipe: paper`` is OFA-MobileNetV3's space (5 units, depth {2,3,4}, expand {3,4,6}, kernel
+    {3,5,7}, 25 resolutions) and the official schedule. A ``phases`` list in the YAML replaces the
+    preset's list whole (lists are not merged item by item).
     """
+
+    RECIPES: ClassVar[dict[str, dict[str, Any]]] = {
+        "paper": {
+            "stem_width": 16, "stem_stride": 2, "first_block_width": 16,
+            "unit_widths": (24, 40, 80, 112, 160), "unit_strides": (2, 2, 2, 1, 2),
+            "unit_se": (False, True, False, True, True), "unit_acts": ("relu", "relu", "hswish", "hswish", "hswish"),
+            "head_width": 960, "feature_width": 1280,
+            "depth_choices": (2, 3, 4), "expand_choices": (3, 4, 6), "kernel_choices": (3, 5, 7),
+            "resolutions": tuple(range(128, 225, 4)),
+            # train_ofa_net.py: n_epochs + warmup_epochs per task and phase; the full network's 180 from the paper
+            "phases": [
+                _paper_phase("full", "none", 180, PAPER_LR, 1),
+                _paper_phase("kernel", "kernel", 125, 0.96, 1, warmup_epochs=5),
+                _paper_phase("depth-1", "depth", 25, 0.08, 2, num_choices=2),
+                _paper_phase("depth-2", "depth", 125, 0.24, 2, warmup_epochs=5),
+                _paper_phase("width-1", "width", 25, 0.08, 4, num_choices=2),
+                _paper_phase("width-2", "width", 125, 0.24, 4, warmup_epochs=5),
+            ],
+            "kd_weight": 1.0, "label_smoothing": 0.1,  # kd_ratio, label_smoothing
+            "bn_recalibration_images": 2000,  # reset_running_statistics(subset_size=2000)
+            "predictor": {"samples": 1000, "epochs": 100, "holdout_images": 10000},  # n_arch, valid_size
+            "evolution": {"generations": 500},
+            "train": {"epochs": 1, "lr": PAPER_LR, "lr_batch": PAPER_LR_BATCH, "optimizer": "sgd", "momentum": 0.9,
+                      "weight_decay": 3e-5, "warmup_steps": 0},  # sgd: nesterov; no decay on BN and biases
+        },
+    }
 
     # supernet shape
     stem_width: int = Field(8, ge=1)
@@ -104,7 +143,9 @@ class ShrinkingConfig(StrictModel):
     phases: list[PhaseConfig] = Field(default_factory=_demo_phases)
     kd_weight: float = Field(1.0, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    bn_recalibration_batches: int = Field(4, ge=1)  # batches of the fixed training subset
+    # BN statistics of every evaluated sub-network: this many training images (a fixed subset of the
+    # images the supernet trained on, read at the sub-network's resolution); 256 = 4 digit batches
+    bn_recalibration_images: int = Field(256, ge=1)
     # specialisation
     predictor: PredictorConfig = PredictorConfig()
     evolution: EvolutionConfig = EvolutionConfig()
@@ -140,21 +181,8 @@ class ShrinkingConfig(StrictModel):
 
     @classmethod
     def paper(cls, **overrides: Any) -> "ShrinkingConfig":
-        """OFA-MobileNetV3's space and schedule (ImageNet scale; far too large to train here)."""
-        values: dict[str, Any] = dict(
-            stem_width=16, stem_stride=2, first_block_width=16,
-            unit_widths=(24, 40, 80, 112, 160), unit_strides=(2, 2, 2, 1, 2),
-            unit_se=(False, True, False, True, True), unit_acts=("relu", "relu", "hswish", "hswish", "hswish"),
-            head_width=960, feature_width=1280,
-            depth_choices=(2, 3, 4), expand_choices=(3, 4, 6), kernel_choices=(3, 5, 7),
-            resolutions=tuple(range(128, 225, 4)), phases=_paper_phases(),
-            bn_recalibration_batches=32,
-            predictor=PredictorConfig(samples=1000, epochs=100),
-            evolution=EvolutionConfig(generations=500),
-            train=TrainConfig(epochs=1, lr=2.6, optimizer="sgd", weight_decay=3e-5, warmup_steps=0),
-        )
-        values.update(overrides)
-        return cls(**values)
+        """``recipe: paper`` (ImageNet scale; far too large to train here), ``overrides`` over it."""
+        return cls.model_validate({"recipe": "paper", **overrides})
 
 
 def space_size(cfg: ShrinkingConfig) -> int:

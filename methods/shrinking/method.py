@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import random
 from typing import Any, Callable, Iterator, Sequence
 
@@ -24,9 +25,12 @@ from podium.methods.shrinking.predictor import AccuracyPredictor, encode_arch, t
 from podium.methods.shrinking.search import SearchResult, evolutionary_search
 from podium.methods.shrinking.space import Arch, OpenSpace, _as_arch
 from podium.methods.shrinking.supernet import OFASubnet, OFASupernet, extract_subnet
-from podium.methods.train import evaluate, fit, pick_device, recalibrate_bn
+from podium.methods.train import TrainConfig, evaluate, fit, pick_device, recalibrate_bn, total_steps
 
 log = logging.getLogger("podium.shrinking")
+
+# the training images kept out of progressive shrinking: the accuracy predictor's targets are measured on them
+HOLDOUT_SPLIT = "predictor_holdout"
 
 
 def phase_loss(supernet: OFASupernet, teacher: nn.Module | None, space: OpenSpace, phase: PhaseConfig,
@@ -55,6 +59,28 @@ def phase_loss(supernet: OFASupernet, teacher: nn.Module | None, space: OpenSpac
     return loss_fn
 
 
+def phase_train_config(cfg: ShrinkingConfig, phase: PhaseConfig, index: int, batches_per_epoch: int) -> TrainConfig:
+    """The training of one phase: its epochs, step cap, learning rate (relative to the full network's)
+    and warm-up (``phase.warmup_epochs``, in optimizer steps of this loader)."""
+    phase_cfg = cfg.train.model_copy(update={"epochs": phase.epochs, "max_steps": phase.max_steps,
+                                             "lr": cfg.train.lr * phase.lr_mult, "seed": cfg.train.seed + index})
+    if phase.warmup_epochs > 0:
+        per_epoch = math.ceil(batches_per_epoch / phase_cfg.accumulate)
+        steps = total_steps(phase_cfg, per_epoch)
+        warmup = min(steps - 1, round(phase.warmup_epochs * per_epoch))
+        phase_cfg = phase_cfg.model_copy(update={"warmup_steps": warmup})
+    return phase_cfg
+
+
+def hold_out_for_predictor(data: DataBundle, images: int) -> DataBundle:
+    """``data`` with ``images`` training images moved to :data:`HOLDOUT_SPLIT` (at most half of them)."""
+    available = len(data.splits["train"]) // 2
+    if images > available:
+        log.warning("predictor.holdout_images=%d: the training split has %d images, holding out %d",
+                    images, len(data.splits["train"]), available)
+    return data.hold_out(min(images, available), HOLDOUT_SPLIT)
+
+
 def describe(cfg: ShrinkingConfig, shape: DataShape, anchors: Sequence[AnchorSpec]) -> list[dict[str, Any]]:
     return [describe_space(cfg)]
 
@@ -69,12 +95,15 @@ class Shrinking(Method):
         self.cfg = cfg or ShrinkingConfig()
 
     def fit(self, data: DataBundle, anchors: Sequence[Anchor] = (), teacher: Anchor | None = None) -> "ShrinkSpace":
-        """Progressive shrinking on the training split, then the accuracy predictor's data.
+        """Progressive shrinking on the training split less ``predictor.holdout_images`` images, then
+        the accuracy predictor, fitted to sub-networks' accuracies on those held-out images (as the
+        official provider's ``valid_size``); ``val`` is read only to report candidates.
 
         The distillation teacher is the supernet's own full network after the first phase, as in
         the paper; ``anchors`` and ``teacher`` are not used by this method.
         """
         cfg = self.cfg
+        data = hold_out_for_predictor(data, cfg.predictor.holdout_images)
         torch.manual_seed(cfg.seed)
         device = pick_device()
         supernet = OFASupernet(cfg, data.input_spec.channels, data.num_classes).to(device)
@@ -83,13 +112,12 @@ class Shrinking(Method):
         kd_teacher: nn.Module | None = None
         history = []
         for i, phase in enumerate(cfg.phases):
-            space = space.opened(phase, cfg)
-            if phase.elastic == "width":
-                supernet.sort_channels()
-            train_cfg = cfg.train.model_copy(update={"epochs": phase.epochs, "max_steps": phase.max_steps,
-                                                     "lr": cfg.train.lr * phase.lr_mult, "seed": cfg.train.seed + i})
+            trained, space = space, space.opened(phase, cfg)
+            if phase.elastic == "width":  # the widths earlier width phases trained keep their channels
+                supernet.sort_channels(keep_in_front=trained.expands)
+            loader = data.train_loader(space.resolutions)
             loss_fn = phase_loss(supernet, kd_teacher, space, phase, cfg, rng)
-            result = fit(supernet, data.train_loader(space.resolutions), loss_fn, train_cfg,
+            result = fit(supernet, loader, loss_fn, phase_train_config(cfg, phase, i, len(loader)),
                          name=f"shrinking/{phase.name}", rngs=[rng])
             history.append({"phase": phase.name, "steps": result.steps, "final_loss": result.final_loss,
                             "wall_s": result.wall_s, "kernels": list(space.kernels), "depths": list(space.depths),
@@ -109,9 +137,12 @@ class Shrinking(Method):
 class ShrinkSpace(CandidateSpace):
     """The trained supernet as a candidate space: a per-device search yields the best few sub-nets.
 
-    Sub-network accuracies (predictor training data and candidate ``val_acc``) are measured on the
-    validation split at the sub-network's resolution, after BN recalibration on a fixed subset of the
-    training images read at that resolution.
+    ``data``'s ``train`` split is what the supernet trained on; :data:`HOLDOUT_SPLIT` holds the
+    training images kept out of it. Sub-network accuracies are measured at the sub-network's
+    resolution after BN recalibration on a fixed subset of ``train`` (``bn_recalibration_images``, as
+    the official 2,000 training images; not the hold-out, whose images would then both set the
+    statistics and score them): the accuracy predictor's targets on the hold-out, the candidates'
+    ``val_acc`` on ``val``.
     """
 
     def __init__(self, cfg: ShrinkingConfig, supernet: OFASupernet, data: DataBundle) -> None:
@@ -126,7 +157,8 @@ class ShrinkSpace(CandidateSpace):
 
     def report(self) -> dict[str, Any]:
         """The shrinking history (per phase: steps, final loss, wall time, choices open after it) and
-        the accuracy predictor's numbers (held-out error, accuracies of the evaluated sub-networks)."""
+        the accuracy predictor's numbers (error on held-out sub-networks, accuracies of the evaluated
+        sub-networks on the held-out training images, how many of those images)."""
         return {"phases": [dict(h) for h in self.history], "predictor": dict(self.predictor_report)}
 
     # sub-networks -------------------------------------------------------------------------
@@ -134,24 +166,27 @@ class ShrinkSpace(CandidateSpace):
         """Extracted, BN-recalibrated (at its resolution), eval-mode sub-network on CPU."""
         arch = _as_arch(arch)
         net = extract_subnet(self.supernet, arch).cpu()
-        n = self.cfg.bn_recalibration_batches * self.data.cfg.batch_size
-        recalibrate_bn(net, self.data.eval_loader("train", arch.resolution, limit=n))
+        images = self.cfg.bn_recalibration_images
+        recalibrate_bn(net, self.data.eval_loader("train", arch.resolution, limit=images))
         return net.eval()
 
-    def evaluate_arch(self, arch: Arch | dict[str, Any]) -> float:
+    def evaluate_arch(self, arch: Arch | dict[str, Any], split: str = "val") -> float:
+        """Accuracy of the extracted, BN-recalibrated sub-network on ``split`` at its resolution."""
         arch = _as_arch(arch)
-        return evaluate(self.subnet(arch), self.data.eval_loader("val", arch.resolution))
+        return evaluate(self.subnet(arch), self.data.eval_loader(split, arch.resolution))
 
     # accuracy predictor ---------------------------------------------------------------------
     def fit_predictor(self) -> dict[str, float]:
-        """Evaluate random sub-networks (plus the extremes) and fit the MLP accuracy predictor."""
+        """Evaluate random sub-networks (plus the extremes) on the held-out training images and fit the
+        MLP accuracy predictor to those accuracies."""
         rng = random.Random(self.cfg.seed + 1)
         archs = [self.space.uniform(self.units, "max"), self.space.uniform(self.units, "min")]
         archs += [self.space.sample(self.units, rng) for _ in range(self.cfg.predictor.samples - len(archs))]
-        accs = np.array([self.evaluate_arch(a) for a in archs], dtype=np.float32)
+        accs = np.array([self.evaluate_arch(a, HOLDOUT_SPLIT) for a in archs], dtype=np.float32)
         feats = np.stack([encode_arch(a, self.cfg) for a in archs])
         self.predictor, self.predictor_report = train_accuracy_predictor(feats, accs, self.cfg.predictor, self.cfg.seed)
-        self.predictor_report.update(mean_acc=float(accs.mean()), min_acc=float(accs.min()), max_acc=float(accs.max()))
+        self.predictor_report.update(mean_acc=float(accs.mean()), min_acc=float(accs.min()), max_acc=float(accs.max()),
+                                     holdout_images=float(len(self.data.splits[HOLDOUT_SPLIT])))
         log.info("accuracy predictor: %s", {k: round(v, 4) for k, v in self.predictor_report.items()})
         return self.predictor_report
 

@@ -44,12 +44,12 @@ class AccuracyPredictor(nn.Module):
 
 def train_accuracy_predictor(features: np.ndarray, targets: np.ndarray, cfg: PredictorConfig,
                              seed: int = 0) -> tuple[AccuracyPredictor, dict[str, float]]:
-    """Fit the MLP (Adam, MSE) on all but a held-out fraction; report the held-out error."""
+    """Fit the MLP (Adam, MSE) on all but a held-out fraction of the sub-networks; report its error on them."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     n = len(targets)
     order = torch.randperm(n, generator=gen)
-    n_hold = int(round(cfg.holdout * n)) if n >= 10 else 0
+    n_hold = int(round(cfg.subnet_holdout_fraction * n)) if n >= 10 else 0
     hold, train = order[:n_hold], order[n_hold:]
     x = torch.as_tensor(features)
     y = torch.as_tensor(targets, dtype=torch.float32)

@@ -72,10 +72,12 @@ class OFASupernet(nn.Module):
                 x = block(x, k, e)
         return self.head(x)
 
-    def sort_channels(self) -> None:
+    def sort_channels(self, keep_in_front: Sequence[float] = ()) -> None:
+        """Sort every block's hidden channels; the channel sets of the expand ratios in
+        ``keep_in_front`` (those earlier width phases trained) stay in front."""
         for unit in self.units:
             for block in unit:
-                block.sort_channels()
+                block.sort_channels(keep_in_front)
 
     def layer_specs(self, arch: Arch | dict[str, Any]) -> list[tuple]:
         """Latency lookup keys of the layers ``arch`` runs: (kind, shapes..., input resolution)."""
