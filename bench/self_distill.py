@@ -2,13 +2,16 @@
 
     python bench/self_distill.py [--epochs 10] [--seed 0] [--threads 2] [--no-hint-ablation]
 
-Trains the multi-exit ResNet with self-distillation (paper defaults T=3, α=0.3, λ=0.03) and the
-same backbone with plain cross-entropy for the same steps, from the same initial weights; then
-prints, per model: val/test top-1, flops (multiply-adds, methods.complexity), params, and CPU
-batch-1 latency p50 at 1 thread in eager PyTorch and in ONNX Runtime (methods.profiling). The
-early-exit row runs in eager PyTorch only (data-dependent control flow: no static ONNX graph);
-its latency is the mean over the real val images (cost depends on where each exits) and its
-flops the expected flops under the measured exit histogram (branches tried before counted).
+Trains the multi-exit ResNet with self-distillation (the authors' T=3, α=0.3, λ=0.03, KD without
+T², hint = torch.dist through the adaptation layers) and the same backbone with plain
+cross-entropy for the same steps, from the same initial weights; then prints, per model: val/test
+top-1, flops (multiply-adds, methods.complexity), params, and CPU batch-1 latency p50 at 1 thread
+in eager PyTorch and in ONNX Runtime (methods.profiling). The early-exit row runs in eager PyTorch
+only (data-dependent control flow: no static ONNX graph); its latency is the mean over the real
+val images (each exit's path timed by methods.profiling.measure, weighted by the exit histogram)
+and its flops the expected flops under that histogram (branches tried before counted). It is
+compared with the plain backbone (stages + head, no branches) timed by the same function and
+profile. The loss terms at initialisation and after training show what the hint contributes.
 With the ablation (default) the λ=0 model (no hint loss) is trained too.
 Digits val/test are ~270 images each: one image is 0.37 points.
 """
@@ -27,7 +30,16 @@ from torch import nn  # noqa: E402
 
 from podium.methods.complexity import count  # noqa: E402
 from podium.methods.profiling import DeviceProfile, measure  # noqa: E402
-from podium.methods.self_distill import MultiExitNet, SelfDistill, SelfDistillConfig, measure_early_exit  # noqa: E402
+from podium.methods.self_distill import (  # noqa: E402
+    EARLY_EXIT_PROFILE,
+    MultiExitNet,
+    SelfDistill,
+    SelfDistillConfig,
+    early_exit_outcomes,
+    measure_early_exit,
+    model_loss,
+    plain_backbone,
+)
 from podium.methods.train import TrainConfig, evaluate  # noqa: E402
 from tests.conftest import digits_bundle  # noqa: E402
 
@@ -61,6 +73,20 @@ def early_exit_flops(model: MultiExitNet, cands, shape) -> list[float]:
     return [c.metrics["flops"] + sum(branch_flops[:k]) for k, c in enumerate(cands)]
 
 
+def loss_terms(model: MultiExitNet, cfg: SelfDistillConfig, data) -> str:
+    """The loss and λ·Σ hint on the first training batch (train mode, no gradient)."""
+    images, labels = next(iter(data.train))
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        terms = model_loss(model, images, labels, cfg)
+    model.train(was_training)
+    hint = cfg.hint_weight * sum(terms.hint).item()
+    kd = cfg.alpha * sum(terms.kd).item()
+    return (f"total {terms.total.item():.3f}, α·ΣKD {kd:.3f}, λ·Σhint {hint:.3f} "
+            f"({hint / terms.total.item():.1%} of the total, batch {labels.shape[0]})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=float, default=10.0)
@@ -80,9 +106,13 @@ def main() -> None:
     for label, hint in runs:
         cfg = SelfDistillConfig(hint_weight=hint, early_exit_threshold=args.threshold, train=train,
                                 train_baseline=label == "sd")
+        # the weights fit starts from: the same seeded backbone, then the branches and adapters
+        untrained = MultiExitNet(SelfDistill(cfg)._backbone(data, []), data.num_classes)
+        print(f"[{label}] loss at initialisation: {loss_terms(untrained, cfg, data)}", flush=True)
         start = time.perf_counter()
         space = SelfDistill(cfg).fit(data)
-        print(f"[{label}] trained in {time.perf_counter() - start:.1f}s", flush=True)
+        print(f"[{label}] trained in {time.perf_counter() - start:.1f}s; loss after: "
+              f"{loss_terms(space.model, cfg, data)}", flush=True)
         if space.baseline is not None:
             rows.append(row("baseline (CE only)", space.baseline, data, shape))
         cands = list(space.candidates())
@@ -90,14 +120,19 @@ def main() -> None:
             rows.append(row(f"{label} {cand.name}", cand.model, data, shape))
         rows.append(row(f"{label} ensemble", Ensemble(space.model).eval(), data, shape))
         early = space.early_exit_model(args.threshold)
-        val = measure_early_exit(early, data.val)
-        test = measure_early_exit(early, data.test)
+        val = measure_early_exit(early, data.val, shape)
+        test = early_exit_outcomes(early, data.test)
+        backbone_ms = measure(plain_backbone(space.model), shape, EARLY_EXIT_PROFILE).mean_ms
+        print(f"[{label}] early exit mean {val['mean_ms']:.3f} ms (per exit path "
+              + " / ".join(f"{ms:.3f}" for ms in val["exit_mean_ms"])
+              + f") vs plain backbone mean {backbone_ms:.3f} ms: {backbone_ms / val['mean_ms']:.2f}x "
+              f"(methods.profiling.measure, profile {EARLY_EXIT_PROFILE.name})", flush=True)
         fracs = [c / sum(val["exit_counts"]) for c in val["exit_counts"]]
         exp_flops = sum(f * c for f, c in zip(fracs, early_exit_flops(space.model, cands, shape)))
         rows.append({"model": f"{label} early-exit@{args.threshold}", "val": val["acc"], "test": test["acc"],
-                     "mflops": exp_flops / 1e6, "kparams": sum(p.numel() for p in space.model.parameters()) / 1e3,
+                     "mflops": exp_flops / 1e6, "kparams": sum(p.numel() for p in early.parameters()) / 1e3,
                      "ms": val["mean_ms"], "ort_ms": float("nan"),
-                     "note": "exits " + "/".join(f"{f:.0%}" for f in fracs)})
+                     "note": "mean, not p50; exits " + "/".join(f"{f:.0%}" for f in fracs)})
 
     print(f"\nself-distillation on digits 32x32, {args.epochs:g} epochs, seed {args.seed}, "
           f"latency = CPU batch-1, 1 thread, p50 (eager torch | onnxruntime)")

@@ -8,27 +8,41 @@ ResNet code. After every stage but the last a shallow branch is attached: a feat
 stage's channels and stride, then global average pooling) and a linear classifier. The deepest
 classifier is the backbone's own pooled features + ``fc``; it is the teacher of the shallow ones.
 
-Training minimises, with mean reductions (so λ does not depend on the batch size)::
+Training minimises, as the authors' final code (``train.py`` of
+ArchipLab-LinfengZhang/pytorch-self-distillation-final) does::
 
-    L = Σ_shallow i [(1−α)·CE(z_i, y) + α·KL(softmax(z_C/T) ‖ softmax(z_i/T))·T² + λ·mean((F_i − F_C)²)]
-        + CE(z_C, y)
+    L = CE(z_C, y) + Σ_shallow i [(1−α)·CE(z_i, y) + α·H(softmax(z_C/T), softmax(z_i/T))]
+                   + λ·Σ_hinted i ‖A_i(F_i) − F_C‖₂
 
-with the teacher logits z_C and features F_C detached, so the KL and hint terms never send a
-gradient into the deepest classifier or the stages only it uses (they do train the shared
-shallower stages, as in the paper). Defaults T=3, α=0.3, λ=0.03 follow the authors' final code.
+- H is the soft-target cross-entropy at temperature T, batch mean, *without* the T² factor
+  (``kd_t2_scaling=True`` multiplies it by T², standard KD). H = KL + the teacher's entropy, a
+  constant for the student: its gradients are those of the KL.
+- F_i are the branch's pooled features (after the bottleneck, the classifier's input), F_C the
+  backbone's pooled features; A_i is a learned ``nn.Linear(C, C)`` adaptation layer (part of the
+  trained :class:`MultiExitNet`, never of an exported exit). ‖·‖₂ is ``torch.dist`` over the whole
+  batch (an L2 distance, not squared, not averaged), so it grows as √batch; ``hint_batch`` rescales
+  it to a reference batch (see :func:`self_distillation_loss`).
+- The hint skips the shallow exit next to the deepest (the 3/4-depth classifier of a ResNet), as
+  the authors' ``if index != 1`` does (their comment says "the shallowest", their code skips 3/4).
+- Teacher logits z_C and features F_C are detached, so the KD and hint terms never send a gradient
+  into the deepest classifier or the stages only it uses (they do train the shared shallower stages).
+
+Defaults T=3, α=0.3, λ=0.03 follow the authors; ``recipe: paper`` adds their ResNet-18 and SGD
+schedule (:class:`SelfDistillConfig`).
 
 Every exit becomes a standalone truncated model (stem + stages up to i + its branch) and a
 :class:`~methods.base.Candidate`. The dynamic early-exit model (stop at the first exit whose
-max softmax reaches a threshold) is reported with its accuracy and latency but is not a
-candidate: its data-dependent control flow does not export to a static ONNX graph.
+max softmax reaches a threshold) is reported with its accuracy and latency next to the plain
+backbone's (no branches), both timed by :func:`methods.profiling.measure`; it is not a candidate:
+its data-dependent control flow does not export to a static ONNX graph.
 """
 from __future__ import annotations
 
 import copy
 import logging
-import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,31 +50,56 @@ from pydantic import Field
 from timm.models import FeatureListNet
 from torch import nn
 
-from podium.methods.base import Anchor, AnchorSpec, Candidate, CandidateSpace, DataShape, Method, StrictModel
+from podium.methods.base import Anchor, AnchorSpec, Candidate, CandidateSpace, DataShape, Method
 from podium.methods.catalog import register_method
 from podium.methods.complexity import count
 from podium.methods.data import DataBundle
 from podium.methods.families import build
-from podium.methods.losses import kd_kl
+from podium.methods.losses import soft_target_ce
+from podium.methods.profiling import DeviceProfile, measure
+from podium.methods.recipes import RecipeConfig
 from podium.methods.train import TrainConfig, cross_entropy_loss, evaluate, fit, model_device, pick_device
 
 log = logging.getLogger("podium.self_distill")
 
 DEFAULT_ARCH: dict[str, Any] = {"family": "resnet", "layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128]}
 
+# The authors' final code (train.py of ArchipLab-LinfengZhang/pytorch-self-distillation-final) trains a
+# CIFAR ResNet-18 with torch.optim.SGD(lr=0.1, momentum=0.9, weight_decay=5e-4) (plain momentum, not
+# nesterov: timm's "momentum"), batch 128, 250 epochs, lr / 10 at epochs 83, 166 and 240, no warm-up.
+# TrainConfig has a cosine schedule only: cosine from 0.1 to 0 over the same 250 epochs is the closest
+# (no step decay). Two further gaps: timm's optimizer exempts biases and norms from weight decay (the
+# authors decay every parameter), and timm's ResNet has the ImageNet stem (7x7/2 conv + max-pool), not
+# the authors' CIFAR 3x3/1 conv without max-pool.
+PAPER_RECIPE: dict[str, Any] = {
+    "backbone": {"family": "resnet", "layers": [2, 2, 2, 2], "channels": [64, 128, 256, 512]},
+    "temperature": 3.0, "alpha": 0.3, "hint_weight": 0.03, "kd_t2_scaling": False,
+    "hint_batch": 128,  # torch.dist as at the authors' batch of 128, with the same strength at any batch
+    "train": {"epochs": 250, "lr": 0.1, "lr_batch": 128, "optimizer": "momentum", "momentum": 0.9,
+              "weight_decay": 5e-4, "warmup_steps": 0},
+}
 
-class SelfDistillConfig(StrictModel):
-    """Self-distillation settings; defaults are the paper's (T, α, λ) and a few-second digits demo.
+
+class SelfDistillConfig(RecipeConfig):
+    """Self-distillation settings. The class defaults are the ``demo`` recipe (a few-second digits
+    run with the authors' T, α, λ and loss form); ``recipe: paper`` is :data:`PAPER_RECIPE`.
 
     ``init_from_anchor`` names an anchor passed to ``fit`` whose weights initialise the backbone
     (it must have the same architecture); None (default) trains from scratch. The baseline is
     initialised the same way, so the comparison isolates self-distillation.
     """
 
+    RECIPES: ClassVar[dict[str, dict[str, Any]]] = {"paper": PAPER_RECIPE}
+
     backbone: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_ARCH))
     temperature: float = Field(3.0, gt=0)
-    alpha: float = Field(0.3, ge=0, le=1)  # weight of the KL term; (1−α) goes to the shallow CE
-    hint_weight: float = Field(0.03, ge=0)  # λ of the L2 hint loss; 0 switches the term off
+    alpha: float = Field(0.3, ge=0, le=1)  # weight of the KD term; (1−α) goes to the shallow CE
+    # False: the authors' soft-target cross-entropy at T as it is; True: times T² (standard KD)
+    kd_t2_scaling: bool = False
+    hint_weight: float = Field(0.03, ge=0)  # λ of the L2 hint (torch.dist); 0 switches the term off
+    # None: torch.dist over the batch loss_fn sees, as the authors (it grows as √batch); N: times
+    # √(N / batch), the authors' value at N images per batch and the same strength at any other batch
+    hint_batch: int | None = Field(None, ge=1)
     early_exit_threshold: float | None = Field(0.95, gt=0, le=1)  # None: no early-exit report
     train_baseline: bool = True  # same backbone, plain CE, same steps (the task layer may skip it)
     init_from_anchor: str | None = None
@@ -94,6 +133,16 @@ def backbone_stages(backbone: nn.Module) -> list[StageInfo]:
     return [StageInfo(i, int(d["num_chs"]), int(d["reduction"]), str(d["module"])) for i, d in enumerate(info)][1:]
 
 
+def hinted_exits(num_exits: int) -> list[int]:
+    """The shallow exits (0-based) that get the feature hint: all but the one next to the deepest.
+
+    The authors' loop (outputs deepest first) applies it ``if index != 1``, i.e. not to the
+    3/4-depth classifier of a 4-stage ResNet; the comment beside it says "the shallowest", the code
+    skips 3/4, and we follow the code.
+    """
+    return list(range(num_exits - 2))
+
+
 class SepConv(nn.Module):
     """The authors' depthwise-separable block: (dw 3x3 stride s, pw 1x1, BN, ReLU) then
     (dw 3x3, pw 1x1 to ``out_chs``, BN, ReLU)."""
@@ -118,7 +167,7 @@ class SepConv(nn.Module):
 class ExitBranch(nn.Module):
     """Shallow classifier i: bottleneck (one SepConv per stage gap, following the backbone's own
     channel/stride progression so the map reaches the deepest stage's shape), global average
-    pooling -> adapted features F_i (same dimension as the deepest pooled features F_C), linear."""
+    pooling -> features F_i (same dimension as the deepest pooled features F_C), linear."""
 
     def __init__(self, stages: Sequence[StageInfo], exit_pos: int, num_classes: int) -> None:
         super().__init__()
@@ -146,7 +195,9 @@ class ExitOutputs:
 
 
 class MultiExitNet(nn.Module):
-    """The container that is trained: the timm backbone plus one branch per shallow stage.
+    """The container that is trained: the timm backbone, one branch per shallow stage and the hint
+    adaptation layers (``nn.Linear(C, C)`` on F_i, the authors' "final version" hint; only for the
+    :func:`hinted_exits`). The adaptation layers serve the loss alone: no exit uses them.
 
     ``forward`` returns the deepest logits (the backbone's own output); ``forward_exits`` all of them.
     """
@@ -156,6 +207,8 @@ class MultiExitNet(nn.Module):
         self.backbone = backbone
         self.stages = backbone_stages(backbone)
         self.branches = nn.ModuleList(ExitBranch(self.stages, pos, num_classes) for pos in range(len(self.stages) - 1))
+        width = self.stages[-1].channels
+        self.hint_adapters = nn.ModuleDict({str(pos): nn.Linear(width, width) for pos in hinted_exits(self.num_exits)})
 
     @property
     def num_exits(self) -> int:
@@ -169,6 +222,11 @@ class MultiExitNet(nn.Module):
         logits = [branch.fc(f) for branch, f in zip(self.branches, features)]
         return ExitOutputs(logits=[*logits, self.backbone.get_classifier()(deep_features)],
                            features=[*features, deep_features])
+
+    def adapted_features(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        """A_i(F_i) for every shallow exit (``features`` deepest last); None where no hint applies."""
+        return [self.hint_adapters[str(pos)](f) if str(pos) in self.hint_adapters else None
+                for pos, f in enumerate(features[:-1])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_exits(x).logits[-1]
@@ -192,7 +250,8 @@ class TruncatedExit(nn.Module):
 def export_exit(model: MultiExitNet, exit_pos: int) -> nn.Module:
     """Exit ``exit_pos`` (0-based; the last is the deepest) as its own deep-copied model, eval, CPU.
 
-    The deepest exit is the backbone itself; a shallow one is a :class:`TruncatedExit`.
+    The deepest exit is the backbone itself; a shallow one is a :class:`TruncatedExit`. Neither
+    carries the hint adaptation layers (training-only).
     """
     if not 0 <= exit_pos < model.num_exits:
         raise IndexError(f"exit {exit_pos} out of range (model has {model.num_exits} exits)")
@@ -202,6 +261,12 @@ def export_exit(model: MultiExitNet, exit_pos: int) -> nn.Module:
     index = model.stages[exit_pos].index
     backbone.prune_intermediate_layers(indices=[index], prune_head=True)
     return TruncatedExit(backbone, index, copy.deepcopy(model.branches[exit_pos]).cpu()).eval()
+
+
+def plain_backbone(model: MultiExitNet) -> nn.Module:
+    """The deepest path without branches (stem, every stage, pooling and ``fc``): what the network
+    costs when it is not multi-exit, the reference of the early exit's latency."""
+    return export_exit(model, model.num_exits - 1)
 
 
 class EarlyExitNet(nn.Module):
@@ -224,8 +289,14 @@ class EarlyExitNet(nn.Module):
         self._exit_of = {name: int(pos) for pos, name in enumerate(body.return_layers)}
         self.last_exit = -1
 
+    @property
+    def num_exits(self) -> int:
+        return len(self.branches) + 1
+
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, stop_at: int | None = None) -> torch.Tensor:
+        """The early-exit pass; ``stop_at`` forces the exit (0-based) instead of the threshold, with
+        every test on the way still computed, so it costs what an image leaving there costs."""
         if x.shape[0] != 1:
             raise ValueError("early exit decides per image: call it with batch size 1")
         for name, layer in self._layers:
@@ -233,11 +304,30 @@ class EarlyExitNet(nn.Module):
             pos = self._exit_of.get(name)
             if pos is not None and pos < len(self.branches):
                 logits = self.branches[pos](x)
-                if F.softmax(logits, dim=1).max() >= self.threshold:
+                confident = bool(F.softmax(logits, dim=1).max() >= self.threshold)
+                if (confident if stop_at is None else pos == stop_at):
                     self.last_exit = pos
                     return logits
         self.last_exit = len(self.branches)
         return self.backbone.forward_head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)
+
+
+class ForcedExitPath(nn.Module):
+    """The early-exit pass of ``net`` always leaving at ``exit_pos``: a fixed path the profiler can
+    time (its cost does not depend on the image)."""
+
+    def __init__(self, net: EarlyExitNet, exit_pos: int) -> None:
+        super().__init__()
+        if not 0 <= exit_pos < net.num_exits:
+            raise IndexError(f"exit {exit_pos} out of range (the net has {net.num_exits} exits)")
+        self.net = net
+        self.exit_pos = exit_pos
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.run(x, stop_at=self.exit_pos)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,47 +340,64 @@ class SelfDistillLoss:
 
     total: torch.Tensor
     ce: list[torch.Tensor]  # every exit, deepest last
-    kl: list[torch.Tensor]  # shallow exits only (KL·T²)
-    hint: list[torch.Tensor]  # shallow exits only (mean squared error)
+    kd: list[torch.Tensor]  # shallow exits only: soft-target CE at T (×T² with kd_t2_scaling)
+    hint: list[torch.Tensor]  # shallow exits only: torch.dist(A_i(F_i), F_C); 0 where no hint applies
 
 
 def self_distillation_loss(
     logits: Sequence[torch.Tensor],
-    features: Sequence[torch.Tensor],
+    adapted_features: Sequence[torch.Tensor | None],
+    teacher_features: torch.Tensor,
     labels: torch.Tensor,
     temperature: float = 3.0,
     alpha: float = 0.3,
     hint_weight: float = 0.03,
+    kd_t2_scaling: bool = False,
+    hint_batch: int | None = None,
 ) -> SelfDistillLoss:
-    """The paper's three losses; ``logits``/``features`` are per exit, deepest last.
+    """The authors' three losses (see the module docstring); ``logits`` per exit, deepest last;
+    ``adapted_features`` per shallow exit (A_i(F_i), None: no hint there); ``teacher_features`` F_C.
 
-    The KL term is multiplied by T² (Hinton's scaling, via :func:`methods.losses.kd_kl`) so its
-    gradient magnitude does not shrink as T grows and α keeps the same meaning at any T; the
-    paper's formula omits it, the authors' code leaves it out, standard KD keeps it — we keep it.
-    Teacher logits and features (the deepest exit's) are detached: the deepest classifier learns
-    from labels only. ``hint_weight=0`` switches the L2 hint off (it is then not computed).
+    KD: ``soft_target_ce(z_i/T, z_C/T)``, the authors' ``CrossEntropy``, times T² only with
+    ``kd_t2_scaling``. Hint: ``torch.dist(A_i(F_i), F_C)``, the L2 norm over the whole batch, so its
+    size (and λ's effect) grows as √batch; with ``hint_batch`` = N it is multiplied by √(N/batch)
+    (= √(N · mean_b ‖A_i(F_i)_b − F_C,b‖²)): the authors' value at N images, batch-independent
+    otherwise, also when accumulation or data parallelism splits a batch. Teacher logits and
+    features are detached: the deepest classifier learns from labels only. ``hint_weight=0``
+    switches the hint off (it is then not computed).
     """
-    if len(logits) < 2 or len(logits) != len(features):
-        raise ValueError("need logits and features for >= 2 exits, deepest last")
+    if len(logits) < 2 or len(adapted_features) != len(logits) - 1:
+        raise ValueError("need logits for >= 2 exits (deepest last) and one adapted feature (or None) per shallow exit")
+    t = temperature
     teacher_logits = logits[-1].detach()
-    teacher_features = features[-1].detach()
+    teacher_features = teacher_features.detach()
     zero = logits[-1].new_zeros(())
+    kd_scale = t * t if kd_t2_scaling else 1.0
+    hint_scale = (hint_batch / labels.shape[0]) ** 0.5 if hint_batch is not None else 1.0
     ce = [F.cross_entropy(z, labels) for z in logits]
-    kl = [kd_kl(z, teacher_logits, temperature) for z in logits[:-1]]
-    hint = [F.mse_loss(f, teacher_features) if hint_weight > 0 else zero for f in features[:-1]]
+    kd = [soft_target_ce(z / t, teacher_logits / t) * kd_scale for z in logits[:-1]]
+    hint = [torch.dist(a, teacher_features) * hint_scale if hint_weight > 0 and a is not None else zero
+            for a in adapted_features]
     total = ce[-1]
-    for ce_i, kl_i, hint_i in zip(ce[:-1], kl, hint):
-        total = total + (1.0 - alpha) * ce_i + alpha * kl_i + hint_weight * hint_i
-    return SelfDistillLoss(total=total, ce=ce, kl=kl, hint=hint)
+    for ce_i, kd_i, hint_i in zip(ce[:-1], kd, hint):
+        total = total + (1.0 - alpha) * ce_i + alpha * kd_i + hint_weight * hint_i
+    return SelfDistillLoss(total=total, ce=ce, kd=kd, hint=hint)
+
+
+def model_loss(model: MultiExitNet, images: torch.Tensor, labels: torch.Tensor,
+               cfg: SelfDistillConfig) -> SelfDistillLoss:
+    """:func:`self_distillation_loss` of ``model`` on a batch with ``cfg``'s settings."""
+    out = model.forward_exits(images)
+    adapted = model.adapted_features(out.features) if cfg.hint_weight > 0 else [None] * (model.num_exits - 1)
+    return self_distillation_loss(out.logits, adapted, out.features[-1], labels, cfg.temperature, cfg.alpha,
+                                  cfg.hint_weight, cfg.kd_t2_scaling, cfg.hint_batch)
 
 
 def self_distill_loss_fn(model: MultiExitNet, cfg: SelfDistillConfig):
     """``loss_fn(images, labels, step)`` for :func:`methods.train.fit`."""
 
     def loss_fn(images: torch.Tensor, labels: torch.Tensor, _step: int) -> torch.Tensor:
-        out = model.forward_exits(images)
-        return self_distillation_loss(out.logits, out.features, labels, cfg.temperature, cfg.alpha,
-                                      cfg.hint_weight).total
+        return model_loss(model, images, labels, cfg).total
 
     return loss_fn
 
@@ -349,42 +456,59 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return int((logits.argmax(1) == labels).sum()) / max(labels.numel(), 1)
 
 
-def measure_early_exit(net: EarlyExitNet, loader, threads: int = 1) -> dict[str, Any]:
-    """Accuracy, mean batch-1 latency and exit histogram of ``net`` over a whole loader.
+# Batch-1 eager PyTorch on one CPU thread, the only runtime the data-dependent early exit runs in; the
+# plain backbone it is compared with is timed with the very same profile.
+EARLY_EXIT_PROFILE = DeviceProfile(name="cpu-1t-eager", runtime="torch", threads=1, batch_size=1,
+                                   latency_budget_ms=1000.0, max_seconds=2.0)
 
-    Latency is ``time.perf_counter`` around each call on CPU with ``threads`` intra-op threads
-    (default 1, like a ``cpu-1t`` device: tiny batch-1 ops gain nothing from more threads and
-    suffer badly from OpenMP spinning on a busy machine), after one warm-up image. It is the
-    mean over the real images, because the cost depends on where each image exits.
+
+def early_exit_outcomes(net: EarlyExitNet, loader, threads: int = 1) -> dict[str, Any]:
+    """Accuracy and exit histogram (images answered by each exit) of ``net`` over a whole loader.
+
+    Runs with ``threads`` intra-op threads (default 1): tiny batch-1 ops gain nothing from more, and
+    OpenMP spinning on a busy machine makes them many times slower.
     """
+    net.eval()
+    correct = total = 0
+    counts = [0] * net.num_exits
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _run_early_exit(net, loader)
+        with torch.inference_mode():
+            for images, labels in loader:
+                for image, label in zip(images, labels):
+                    logits = net(image[None].cpu())
+                    counts[net.last_exit] += 1
+                    correct += int(logits.argmax(1).item() == int(label))
+                    total += 1
     finally:
         torch.set_num_threads(previous_threads)
+    return {"acc": correct / max(total, 1), "exit_counts": counts}
 
 
-def _run_early_exit(net: EarlyExitNet, loader) -> dict[str, Any]:
-    net.eval()
-    correct = total = 0
-    times: list[float] = []
-    hist = [0] * (len(net.branches) + 1)
-    warmed = False
-    with torch.inference_mode():
-        for images, labels in loader:
-            for image, label in zip(images, labels):
-                x = image[None].cpu()
-                if not warmed:
-                    net(x)
-                    warmed = True
-                start = time.perf_counter()
-                logits = net(x)
-                times.append(time.perf_counter() - start)
-                hist[net.last_exit] += 1
-                correct += int(logits.argmax(1).item() == int(label))
-                total += 1
-    return {"acc": correct / max(total, 1), "mean_ms": 1e3 * sum(times) / max(len(times), 1), "exit_counts": hist}
+def early_exit_latency(net: EarlyExitNet, exit_counts: Sequence[int], input_shape: tuple[int, int, int],
+                       profile: DeviceProfile = EARLY_EXIT_PROFILE) -> dict[str, Any]:
+    """Mean batch-1 latency of the dynamic early exit over images that left as ``exit_counts`` says.
+
+    The cost of an image depends only on where it leaves, so each exit's path
+    (:class:`ForcedExitPath`: stages up to it, every branch tried on the way, their softmax tests)
+    is timed by :func:`methods.profiling.measure`, and the exit-weighted mean of those means is the
+    mean over the images. Paths no image took are not timed.
+    """
+    total = sum(exit_counts)
+    if total == 0:
+        raise ValueError("no images: the exit histogram is empty")
+    per_exit_ms = [measure(ForcedExitPath(net, pos), input_shape, profile).mean_ms if n else float("nan")
+                   for pos, n in enumerate(exit_counts)]
+    mean_ms = sum(ms * n for ms, n in zip(per_exit_ms, exit_counts) if n) / total
+    return {"mean_ms": mean_ms, "exit_mean_ms": per_exit_ms}
+
+
+def measure_early_exit(net: EarlyExitNet, loader, input_shape: tuple[int, int, int],
+                       profile: DeviceProfile = EARLY_EXIT_PROFILE) -> dict[str, Any]:
+    """:func:`early_exit_outcomes` on ``loader`` and the :func:`early_exit_latency` they imply."""
+    outcomes = early_exit_outcomes(net, loader, profile.threads)
+    return {**outcomes, **early_exit_latency(net, outcomes["exit_counts"], input_shape, profile)}
 
 
 class SelfDistillSpace(CandidateSpace):
@@ -397,6 +521,11 @@ class SelfDistillSpace(CandidateSpace):
         self.data = data
         self.baseline = baseline
         self._report: dict[str, float] | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        spec = self.data.input_spec
+        return (spec.channels, *spec.size)
 
     def exit_model(self, exit_pos: int) -> nn.Module:
         return export_exit(self.model, exit_pos)
@@ -422,9 +551,11 @@ class SelfDistillSpace(CandidateSpace):
     def report(self) -> dict[str, float]:
         """Flat numeric metrics on the validation split, ready for ``mlflow.log_metrics``:
         ``exit{i}_val_acc``, ``ensemble_val_acc`` (mean of all exits' logits), ``baseline_val_acc``
-        (if trained) and, with a threshold, ``early_exit_val_acc``, ``early_exit_mean_ms``,
-        ``deepest_mean_ms`` (same batch-1 timing, for comparison), ``early_exit_threshold`` and
-        ``early_exit_frac_exit{i}`` (share of images answered by each exit). Computed once."""
+        (if trained) and, with a threshold, ``early_exit_val_acc``, ``early_exit_threshold``,
+        ``early_exit_frac_exit{i}`` (share of images answered by each exit), ``early_exit_mean_ms``
+        (mean batch-1 latency over the val images) next to ``backbone_mean_ms`` (the plain backbone,
+        no branches), both from :func:`methods.profiling.measure` with :data:`EARLY_EXIT_PROFILE`,
+        and ``early_exit_speedup`` (their ratio, > 1: the early exit is faster). Computed once."""
         if self._report is not None:
             return dict(self._report)
         logits, labels = exit_logits(self.model, self.data.val)
@@ -436,12 +567,13 @@ class SelfDistillSpace(CandidateSpace):
             report["baseline_val_acc"] = evaluate(self.baseline, self.data.val)
         threshold = self.cfg.early_exit_threshold
         if threshold is not None:
-            early = measure_early_exit(self.early_exit_model(threshold), self.data.val)
-            deepest = measure_early_exit(self.early_exit_model(float("inf")), self.data.val)
+            early = measure_early_exit(self.early_exit_model(threshold), self.data.val, self.input_shape)
+            backbone = measure(plain_backbone(self.model), self.input_shape, EARLY_EXIT_PROFILE)
             report["early_exit_threshold"] = float(threshold)
             report["early_exit_val_acc"] = early["acc"]
             report["early_exit_mean_ms"] = early["mean_ms"]
-            report["deepest_mean_ms"] = deepest["mean_ms"]
+            report["backbone_mean_ms"] = backbone.mean_ms
+            report["early_exit_speedup"] = backbone.mean_ms / early["mean_ms"]
             n = max(sum(early["exit_counts"]), 1)
             for pos, c in enumerate(early["exit_counts"]):
                 report[f"early_exit_frac_exit{pos + 1}"] = c / n
@@ -475,7 +607,7 @@ class SelfDistill(Method):
         ``teacher`` is ignored: the deepest exit is the teacher (that is the method).
         """
         device = pick_device(self.cfg.device)
-        # the branches exist before fit builds the optimiser, so they are trained too
+        # the branches and hint adaptation layers exist before fit builds the optimiser: all are trained
         model = MultiExitNet(self._backbone(data, anchors), data.num_classes).to(device)
         result = fit(model, data.train, self_distill_loss_fn(model, self.cfg), self.cfg.train, name="self-distill")
         log.info("self-distillation: %d steps in %.1fs", result.steps, result.wall_s)
