@@ -97,3 +97,66 @@ def test_regnetx_200mf_matches_pycls_zoo():
     assert cx.flops == pytest.approx(199.0e6, rel=0.01)
     assert cx.params == pytest.approx(2.68e6, rel=0.01)
     assert cx.acts == pytest.approx(2.16e6, rel=0.01)
+
+
+def test_attention_products_count_by_hand():
+    """One ViT block: pycls's MultiheadAttention.complexity adds QK^T and AV, T^2*D multiply-adds each,
+    with H*T^2 score and T*D value activations; the bare cls_token/pos_embed parameters count."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    t, d, h = 5, 8, 2  # 2x2 patches of 4x4 on 8x8, plus the class token
+    model = VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=d, depth=1,
+                              num_heads=h, mlp_ratio=4.0)
+    cx = count(model, (8, 8), in_chans=1)
+    patch = 4 * 4 * d * 4 + d * 4
+    linears = t * (d * 3 * d + 3 * d) + t * (d * d + d) + t * (d * 4 * d + 4 * d) + t * (4 * d * d + d)
+    attention = 2 * t * t * d
+    head = d * 3 + 3
+    assert cx.flops == patch + linears + attention + head
+    assert cx.acts == d * 4 + t * (3 * d + d + 4 * d + d) + (h * t * t + t * d) + 3
+    assert cx.params == sum(p.numel() for p in model.parameters())
+
+
+def test_fused_and_explicit_attention_count_alike():
+    import timm
+
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    fused = count(model, (224, 224))
+    for block in model.blocks:
+        block.attn.fused_attn = False  # q @ k^T, softmax, @ v
+    assert count(model, (224, 224)) == fused
+    assert fused.params == sum(p.numel() for p in model.parameters())  # cls_token and pos_embed included
+
+
+@pytest.mark.parametrize("name, gflops", [("deit_tiny_patch16_224", 1.26), ("deit_small_patch16_224", 4.61),
+                                          ("deit_base_patch16_224", 17.6), ("swin_tiny_patch4_window7_224", 4.50)])
+def test_transformers_match_their_papers(name, gflops):
+    """DeiT-Ti/S/B at 224: 1.26 / 4.61 / 17.6 GFLOPs (the DeiT paper, as pycls counts attention); Swin-T 4.5
+    (its windows run as the batch of its window attention). Built on the meta device: shapes, no weights."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+        cx = count(model, (224, 224))
+    assert f"{cx.flops / 1e9:.3g}" == f"{gflops:.3g}"
+    assert cx.params == sum(p.numel() for p in model.parameters())
+
+
+def test_bare_parameters_count_once_when_computed_with():
+    class Shell(nn.Module):  # holds a parameter but never runs (like a split hook's shell)
+        def __init__(self):
+            super().__init__()
+            self.offset = nn.Parameter(torch.zeros(1, 2, 1, 1))
+            self.unused = nn.Parameter(torch.zeros(7))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.shell = nn.Conv2d(1, 2, 1, bias=False), Shell()
+
+        def forward(self, x):
+            y = self.conv(x) + self.shell.offset + self.shell.offset
+            return y.new_zeros(self.shell.unused.shape) + y.sum()  # a shape read is not a use
+
+    cx = count(Net(), (3, 3), in_chans=1)
+    assert cx.params == 2 + 2

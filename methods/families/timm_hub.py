@@ -1,6 +1,7 @@
 """Any registered timm model by name; hub weights are downloaded only when ``pretrained`` is set.
 
-Split hook (:func:`split_timm`): timm ResNets and VisionTransformers, by the built model's class.
+Split hook (:func:`split_timm`): timm ResNets, VisionTransformers and SwinTransformers, by the built
+model's class.
 """
 from __future__ import annotations
 
@@ -8,21 +9,26 @@ from typing import Any
 
 import timm
 from timm.models.resnet import ResNet
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from podium.methods.families import AnchorParts, register_family
 from podium.methods.families.resnet import split_resnet
+from podium.methods.families.swin import split_swin
 from podium.methods.families.vit import split_vit
 
 
 def split_timm(model: nn.Module) -> AnchorParts:
-    """Embed / blocks / head of a timm ResNet or VisionTransformer (whatever hub name built it)."""
+    """Embed / blocks / head of a timm ResNet, VisionTransformer or SwinTransformer (whatever hub name built it)."""
     if isinstance(model, ResNet):
         return split_resnet(model)
     if isinstance(model, VisionTransformer):
         return split_vit(model)
-    raise TypeError(f"stitching supports timm ResNet and VisionTransformer anchors, not {type(model).__name__}")
+    if isinstance(model, SwinTransformer):
+        return split_swin(model)
+    raise TypeError(f"stitching supports timm ResNet, VisionTransformer and SwinTransformer anchors, not "
+                    f"{type(model).__name__}")
 
 
 @register_family("timm", split=split_timm)

@@ -13,7 +13,12 @@ from podium.methods.families import AnchorParts, shell
 
 
 class ViTEmbed(nn.Module):
-    """patch_embed -> _pos_embed -> patch_drop -> norm_pre of a timm VisionTransformer."""
+    """patch_embed -> _pos_embed -> patch_drop -> norm_pre of a timm VisionTransformer.
+
+    The shell never runs as a module: its bare parameters (``cls_token``, ``pos_embed``, ``reg_token``)
+    are read by ``_pos_embed``, and :func:`podium.methods.complexity.count` counts them as the
+    parameters the forward pass computes with.
+    """
 
     def __init__(self, model: VisionTransformer):
         super().__init__()

@@ -1,7 +1,7 @@
 """Stitchable Neural Networks (SN-Net, Pan et al., CVPR 2023): every stitch is a candidate.
 
-Several pretrained *anchors* of one family (ResNets or ViTs of growing size) are joined into one
-network that runs at many accuracy/FLOPs points: the first blocks of a smaller anchor, a small
+Several pretrained *anchors* of one family (ResNets, ViTs or Swins of growing size) are joined into
+one network that runs at many accuracy/FLOPs points: the first blocks of a smaller anchor, a small
 stitching layer (1x1 conv on feature maps, linear on tokens), then the remaining blocks and head
 of the next larger anchor ("Fast-to-Slow"). Stitching layers are initialised by least squares on
 real activations, then all weights are trained jointly, one sampled configuration per step.
@@ -11,7 +11,9 @@ Pieces, timm style:
 - each model family's ``split`` hook (:func:`podium.methods.families.split`) cuts an anchor into
   embed, a flat list of blocks (with stage indices) and head, sharing the anchor's modules.
 - :mod:`.space`: :func:`paired_stitching` / :func:`unpaired_stitching` / :func:`enumerate_stitches`
-  build the stitch space (reference rules of ziplab/SN-Net); :func:`assemble` builds one stitch.
+  build the stitch space (reference rules of ziplab/SN-Net: DeiT-Ti/S/B 71 configurations,
+  Swin-T/S/B 41, ResNet-18/50 10), Fast-to-Slow or, for the ablation, Slow-to-Fast;
+  :func:`assemble` builds one stitch.
 - :mod:`.init`: :func:`least_squares` solves ``min ||[X, 1] A - Y||`` in float64;
   :func:`init_stitch_layers` applies it to collected activations (or He initialisation for comparison).
 - :mod:`.method`: :class:`Stitching` builds the supernet, trains it with :func:`methods.train.fit` and
@@ -41,7 +43,9 @@ from podium.methods.stitching.method import (
     config_dict,
     describe_space,
     pareto_rows,
+    recipe_kind,
     select_anchors,
+    stitch_lr_optimizer,
 )
 from podium.methods.stitching.space import (
     StitchConfig,
@@ -49,7 +53,9 @@ from podium.methods.stitching.space import (
     assemble,
     build_stitch_layers,
     enumerate_stitches,
+    is_hierarchical,
     make_stitch_layer,
+    official_stages,
     paired_stitching,
     probe_shapes,
     unpaired_stitching,
@@ -74,13 +80,17 @@ __all__ = [
     "describe_space",
     "enumerate_stitches",
     "init_stitch_layers",
+    "is_hierarchical",
     "least_squares",
     "make_stitch_layer",
+    "official_stages",
     "paired_stitching",
     "pareto_rows",
     "probe_shapes",
+    "recipe_kind",
     "select_anchors",
     "set_stitch_weights",
+    "stitch_lr_optimizer",
     "stitch_residual",
     "take_batches",
     "unpaired_stitching",

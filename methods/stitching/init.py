@@ -1,7 +1,8 @@
 """Stitching-layer initialisation: least squares on real activations (or He, for comparison).
 
 For a stitch front[:j+1] -> end[k:], X = output of front block j and Y = input of end block k
-(embed output when k = 0), both taken on the *same* images, as rows (NHWC for feature maps).
+(embed output when k = 0), both taken on the *same* images, as rows of channels: NCHW feature maps
+are permuted to NHWC first; tokens (T x C, and Swin's NHWC token maps) already end in channels.
 """
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from podium.methods.families import AnchorParts
+from podium.methods.families import AnchorParts, Kind
 from podium.methods.stitching.space import StitchConfig
 
 log = logging.getLogger("podium.stitching")
 
 
-def as_rows(features: torch.Tensor) -> torch.Tensor:
-    """Activations as rows: N x C x H x W maps become (N*H*W) x C (NHWC), N x T x C tokens (N*T) x C."""
-    if features.ndim == 4:
+def as_rows(features: torch.Tensor, kind: Kind) -> torch.Tensor:
+    """Activations as rows of channels: a CNN's N x C x H x W maps become (N*H*W) x C (NHWC); tokens,
+    N x T x C or Swin's N x H x W x C, become (N*T) x C."""
+    if kind == "cnn":
         return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
     return features.reshape(-1, features.shape[-1])
 
@@ -89,7 +91,7 @@ def collect_features(parts: AnchorParts, batches: Sequence[torch.Tensor],
         for b, block in enumerate([nn.Identity(), *parts.blocks]):
             x = block(x)
             if b in keep:
-                feats[b].append(as_rows(x).cpu())
+                feats[b].append(as_rows(x, parts.kind).cpu())
     for m, w in zip(modules, was):
         m.train(w)
     return {b: torch.cat(f) for b, f in feats.items()}

@@ -13,41 +13,83 @@ import random
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from podium.methods import families
-from podium.methods.base import Anchor, AnchorSpec, Candidate, CandidateSpace, DataShape, Method, StrictModel
+from podium.methods import distributed, families
+from podium.methods.base import Anchor, AnchorSpec, Candidate, CandidateSpace, DataShape, Method
 from podium.methods.catalog import register_method
 from podium.methods.complexity import count
 from podium.methods.data import DataBundle
 from podium.methods.families import AnchorParts
 from podium.methods.losses import hard_distillation
 from podium.methods.pareto import pareto_front
+from podium.methods.recipes import RecipeConfig
 from podium.methods.stitching.init import init_stitch_layers
-from podium.methods.stitching.space import StitchConfig, assemble, build_stitch_layers, enumerate_stitches, probe_shapes
-from podium.methods.train import TrainConfig, evaluate, fit, pick_device, recalibrate_bn
+from podium.methods.stitching.space import (
+    Direction,
+    StitchConfig,
+    assemble,
+    build_stitch_layers,
+    enumerate_stitches,
+    is_hierarchical,
+    probe_shapes,
+)
+from podium.methods.train import TrainConfig, evaluate, fit, make_optimizer, pick_device, recalibrate_bn, scaled_lr
 
 log = logging.getLogger("podium.stitching")
 
 
-class StitchingConfig(StrictModel):
+class StitchingConfig(RecipeConfig):
+    # ``recipe: paper``: the reference recipes (ziplab/SN-Net), lr per 1024 images (its 8 GPUs x 128).
+    # - DeiT (stitching_deit/config/deit_stitching.json, params.py, main.py): AdamW "lr": 5e-5, which
+    #   main.py scales DeiT's way, lr * batch_size * world_size / 512, so 1e-4 at 1024 images (5e-5 is
+    #   per 512, not per 1024); weight decay 0.05, cosine, 50 epochs, hard distillation from RegNetY-160.
+    # - Swin (stitching_swin/configs/snnet/stitch_swin_ti_s_b.yaml, config.py, optimizer.py, main.py):
+    #   the same AdamW, 0.05, 50 epochs and distillation; BASE_LR 5e-4 per 512 images scaled by
+    #   BASE_LR_SCALE 0.1 for the anchors (1e-4 per 1024 again) and STITCH_LR_SCALE 1.0 for the
+    #   stitching layers: 10x the anchors' lr.
+    # - ResNet (stitching_resnet_swin/README.md, train.py): timm's train.py, SGD (nesterov, momentum 0.9)
+    #   --lr 0.05 taken as given for -b 128 on 8 GPUs, weight decay 2e-5 (its default), cosine, 30 epochs,
+    #   hard distillation from RegNetY-160.
+    # Not carried: the 5 warm-up epochs (TrainConfig counts warm-up in steps: set train.warmup_steps),
+    # the floor lr, label smoothing, mixup/cutmix/RandAugment/random erasing and drop path.
+    RECIPES: ClassVar[dict[str, dict[str, Any]]] = {
+        "paper": {"distill": True,
+                  "train": {"optimizer": "adamw", "lr": 1e-4, "lr_batch": 1024, "weight_decay": 0.05, "epochs": 50}},
+        "paper:swin": {"stitch_lr_scale": 10.0},
+        "paper:cnn": {"train": {"optimizer": "sgd", "lr": 0.05, "lr_batch": 1024, "momentum": 0.9,
+                                "weight_decay": 2e-5, "epochs": 30}},
+    }
     anchors: list[str] = []  # names of the anchors to stitch; empty: every anchor of one family
     window: int = 2  # paired stitching: sliding-window size (blocks)
     stride: int = 1  # paired stitching: window stride
-    stages: list[int] | None = None  # stages where stitches may start (None: all)
+    # stages where stitches may start; None: the reference code's (CNNs: the inner stages, 1-2 of a
+    # ResNet; Swin: all but the last; ViTs: every block)
+    stages: list[int] | None = None
     front_blocks: list[int] | None = None  # flat front-block indices where stitches may start (None: all)
+    direction: Direction = "fast_to_slow"  # slow_to_fast (the paper's ablation): the larger anchor in front
     init: Literal["ls", "he"] = "ls"
     ls_batches: int = 8  # training batches of activations for the least-squares solution
     joint_training: bool = True  # False: evaluate right after initialisation
     sampling: Literal["uniform", "flops_bins"] = "uniform"  # flops_bins: SN-Netv2 resource-constrained
     flops_bins: int = 4
-    distill: bool = False  # hard distillation from the teacher (when one is given)
+    distill: bool | None = None  # hard distillation from the teacher; None: when the method is given one
+    stitch_lr_scale: float = Field(1.0, gt=0)  # the stitching layers' lr over the anchors' (official Swin: 10)
     bn_recalibration_batches: int = 10  # per configuration before evaluation (0: off)
     train: TrainConfig = TrainConfig(epochs=3, lr=1e-3, optimizer="adamw", weight_decay=0.05, warmup_steps=10)
+
+
+def recipe_kind(parts: AnchorParts) -> Literal["cnn", "swin", "vit"]:
+    """The reference recipe that trains these anchors (the ``paper:<kind>`` variant): ``cnn`` (ResNet),
+    ``swin`` (hierarchical transformers: the ViT recipe, stitching layers at their own lr) or ``vit``."""
+    if parts.kind == "cnn":
+        return "cnn"
+    return "swin" if is_hierarchical(parts) else "vit"
 
 
 class StitchSupernet(nn.Module):
@@ -168,7 +210,7 @@ class Stitching(Method):
         self.cfg = cfg or StitchingConfig()
 
     def fit(self, data: DataBundle, anchors: Sequence[Anchor] = (), teacher: Anchor | None = None) -> StitchSpace:
-        cfg = self.cfg
+        cfg = self.cfg  # the space's fields; the training recipe may depend on the anchors (below)
         spec = data.input_spec
         in_chans, size = spec.channels, spec.size
         device = pick_device()
@@ -181,8 +223,10 @@ class Stitching(Method):
         parts = [families.split(chosen[i].arch, m) for i, m in zip(order, models)]
         if len({p.kind for p in parts}) > 1:
             raise ValueError("stitching anchors must all be CNNs or all ViTs")
+        cfg = cfg.variant(recipe_kind(parts[0]))  # recipe: paper trains ResNets, Swins and ViTs differently
         shapes = [probe_shapes(p, in_chans, size) for p in parts]
-        configs = enumerate_stitches(parts, names, shapes, cfg.window, cfg.stride, cfg.stages, cfg.front_blocks)
+        configs = enumerate_stitches(parts, names, shapes, cfg.window, cfg.stride, cfg.stages, cfg.front_blocks,
+                                     cfg.direction)
         layers = build_stitch_layers(parts, shapes, configs).to(device)
         log.info("stitching %s: %d configurations (%d stitching layers)", " < ".join(names), len(configs), len(layers))
         batch = data.cfg.batch_size  # LS init and BN statistics from fixed training images, the same in every process
@@ -191,7 +235,7 @@ class Stitching(Method):
         supernet = StitchSupernet(parts, layers, configs).to(device)
 
         if cfg.joint_training:
-            self._train(supernet, data, teacher, in_chans, size)
+            self._train(cfg, supernet, data, teacher, in_chans, size)
         results = []
         calibration = data.eval_loader("train", limit=cfg.bn_recalibration_batches * batch)
         val = data.eval_loader("val")
@@ -204,16 +248,19 @@ class Stitching(Method):
             metrics = {"val_acc": acc, **count(model, size, in_chans).as_dict()}
             log.info("%s: val_acc %.4f flops %d", c.name, acc, metrics["flops"])
             results.append(StitchResult(c, model, metrics))
-        settings = {"init": cfg.init, "joint_training": cfg.joint_training}
+        settings = {"init": cfg.init, "joint_training": cfg.joint_training, "direction": cfg.direction}
         return StitchSpace(results, names, size, in_chans, settings)
 
-    def _train(self, supernet: StitchSupernet, data: DataBundle, teacher: Anchor | None, in_chans: int,
-               size: tuple[int, int]) -> None:
-        cfg = self.cfg
+    @staticmethod
+    def _train(cfg: StitchingConfig, supernet: StitchSupernet, data: DataBundle, teacher: Anchor | None,
+               in_chans: int, size: tuple[int, int]) -> None:
         flops = [count(assemble(supernet.parts, supernet.layers, c), size, in_chans).flops for c in supernet.configs]
         sample = ConfigSampler(flops, cfg.sampling, cfg.flops_bins, cfg.train.seed)
+        distill = teacher is not None if cfg.distill is None else cfg.distill
+        if distill and teacher is None:
+            log.warning("stitching: distill is on but no teacher was given; training on the labels alone")
         teacher_model = None
-        if cfg.distill and teacher is not None:
+        if distill and teacher is not None:
             teacher_model = copy.deepcopy(teacher.model).to(next(supernet.parameters()).device).eval()
 
         def loss_fn(images: torch.Tensor, labels: torch.Tensor, _step: int) -> torch.Tensor:
@@ -224,8 +271,24 @@ class Stitching(Method):
                 teacher_logits = teacher_model(images)
             return hard_distillation(logits, teacher_logits, labels)
 
-        fit(supernet, data.train, loss_fn, cfg.train, name="stitching", rngs=[sample.rng])
+        fit(supernet, data.train, loss_fn, cfg.train, name="stitching", rngs=[sample.rng],
+            optimizer=stitch_lr_optimizer(supernet, data.train, cfg))
         supernet.eval()
+
+
+def stitch_lr_optimizer(supernet: StitchSupernet, loader: Any, cfg: StitchingConfig) -> torch.optim.Optimizer | None:
+    """None (fit builds its own) unless ``cfg.stitch_lr_scale`` gives the stitching layers their own lr:
+    then the anchors at the recipe's lr, scaled to the global batch as fit scales it, and the layers
+    at ``stitch_lr_scale`` times that."""
+    if cfg.stitch_lr_scale == 1.0:
+        return None
+    batch = getattr(loader, "batch_size", None) or loader.batch_sampler.batch_size
+    sharded = getattr(loader, "sharded", False)
+    lr = scaled_lr(cfg.train, batch * cfg.train.accumulate * (distributed.world_size() if sharded else 1))
+    optimizer = make_optimizer(supernet.anchors, cfg.train, lr)
+    for group in make_optimizer(supernet.layers, cfg.train, lr * cfg.stitch_lr_scale).param_groups:
+        optimizer.add_param_group(group)
+    return optimizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,22 +307,28 @@ def arch_name(arch: dict[str, Any]) -> str:
 def describe_space(anchor_archs: Sequence[dict[str, Any]], num_classes: int, in_chans: int,
                    input_size: tuple[int, int], cfg: StitchingConfig | None = None,
                    names: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Every configuration of the space for these anchors with its FLOPs/params, without training."""
+    """Every configuration of the space for these anchors with its FLOPs/params, without training.
+
+    The anchors are built on the meta device: shapes without weights, so DeiT-B or Swin-B spaces
+    are described in seconds and without their memory.
+    """
     cfg = cfg or StitchingConfig()
     names = list(names) if names else [arch_name(a) for a in anchor_archs]
-    models = [families.build(a, num_classes, in_chans).eval() for a in anchor_archs]
-    flops = [count(m, input_size, in_chans).flops for m in models]
-    order = sorted(range(len(models)), key=lambda i: flops[i])
-    models, names = [models[i] for i in order], [names[i] for i in order]
-    parts = [families.split(anchor_archs[i], m) for i, m in zip(order, models)]
-    shapes = [probe_shapes(p, in_chans, input_size) for p in parts]
-    configs = enumerate_stitches(parts, names, shapes, cfg.window, cfg.stride, cfg.stages, cfg.front_blocks)
-    layers = build_stitch_layers(parts, shapes, configs)
-    rows = []
-    for c in configs:
-        cx = count(assemble(parts, layers, c), input_size, in_chans)
-        rows.append({"name": c.name, "kind": "anchor" if c.is_anchor else "stitch", **config_dict(c, names),
-                     "flops": cx.flops, "params": cx.params, "acts": cx.acts})
+    with torch.device("meta"):
+        models = [families.build(a, num_classes, in_chans).eval() for a in anchor_archs]
+        flops = [count(m, input_size, in_chans).flops for m in models]
+        order = sorted(range(len(models)), key=lambda i: flops[i])
+        models, names = [models[i] for i in order], [names[i] for i in order]
+        parts = [families.split(anchor_archs[i], m) for i, m in zip(order, models)]
+        shapes = [probe_shapes(p, in_chans, input_size) for p in parts]
+        configs = enumerate_stitches(parts, names, shapes, cfg.window, cfg.stride, cfg.stages, cfg.front_blocks,
+                                     cfg.direction)
+        layers = build_stitch_layers(parts, shapes, configs)
+        rows = []
+        for c in configs:
+            cx = count(assemble(parts, layers, c), input_size, in_chans)
+            rows.append({"name": c.name, "kind": "anchor" if c.is_anchor else "stitch", **config_dict(c, names),
+                         "flops": cx.flops, "params": cx.params, "acts": cx.acts})
     return rows
 
 
