@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -372,13 +372,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     export.add_argument("--seed", type=int, default=0)
     export.add_argument("--val-fraction", type=float, default=0.15)
     export.add_argument("--test-fraction", type=float, default=0.15)
+    from podium.hard_digits import Difficulty, export_digits_hard
+
+    hard = sub.add_parser("export-digits-hard", help="export ~20,000 augmented 32 px RGB digits (sources split first)")
+    hard.add_argument("--out", type=Path, default=Path("data/digits-hard"))
+    hard.add_argument("--seed", type=int, default=0)
+    hard.add_argument("--count", type=int, default=20_000)
+    hard.add_argument("--val-fraction", type=float, default=0.15)
+    hard.add_argument("--test-fraction", type=float, default=0.15)
+    for knob in fields(Difficulty):
+        hard.add_argument(f"--{knob.name.replace('_', '-')}", type=type(knob.default), default=knob.default)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        out = export_digits(args.out, args.seed, args.val_fraction, args.test_fraction)
+        if args.command == "export-digits-hard":
+            difficulty = Difficulty(**{knob.name: getattr(args, knob.name) for knob in fields(Difficulty)})
+            out = export_digits_hard(args.out, args.seed, args.count, args.val_fraction, args.test_fraction,
+                                     difficulty)
+        else:
+            out = export_digits(args.out, args.seed, args.val_fraction, args.test_fraction)
     except DataError as exc:
         parser.exit(1, f"error: {exc}\n")
-    print(f"exported digits to {out}")
+    print(f"exported {'hard digits' if args.command == 'export-digits-hard' else 'digits'} to {out}")
     return 0
 
 
