@@ -114,8 +114,10 @@ def _add_cost(images: int, steps: int, seconds: float) -> None:
         meter.train_s += seconds
 
 
-def _batch_size(loader: Any) -> int:
-    return getattr(loader, "batch_size", None) or loader.batch_sampler.batch_size
+def images_per_step(loader: Any, cfg: TrainConfig) -> int:
+    """Images in one optimizer step of ``fit`` over ``loader``, every process together (``cfg.lr_batch`` scales to it)."""
+    batch = getattr(loader, "batch_size", None) or loader.batch_sampler.batch_size
+    return batch * cfg.accumulate * (distributed.world_size() if getattr(loader, "sharded", False) else 1)
 
 
 @dataclass
@@ -219,8 +221,7 @@ def fit(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     sharded = getattr(loader, "sharded", False)
-    images_per_step = _batch_size(loader) * cfg.accumulate * (distributed.world_size() if sharded else 1)
-    optimizer = optimizer or make_optimizer(model, cfg, scaled_lr(cfg, images_per_step))
+    optimizer = optimizer or make_optimizer(model, cfg, scaled_lr(cfg, images_per_step(loader, cfg)))
     per_epoch = math.ceil(len(loader) / cfg.accumulate)
     steps = total_steps(cfg, per_epoch)
     scheduler = make_scheduler(optimizer, steps, cfg.warmup_steps)  # before a resume overwrites the lrs

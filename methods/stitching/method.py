@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from podium.methods import distributed, families
+from podium.methods import families
 from podium.methods.base import Anchor, AnchorSpec, Candidate, CandidateSpace, DataShape, Method
 from podium.methods.catalog import register_method
 from podium.methods.complexity import count
@@ -39,7 +39,8 @@ from podium.methods.stitching.space import (
     is_hierarchical,
     probe_shapes,
 )
-from podium.methods.train import TrainConfig, evaluate, fit, make_optimizer, pick_device, recalibrate_bn, scaled_lr
+from podium.methods.train import (TrainConfig, evaluate, fit, images_per_step, make_optimizer, pick_device, recalibrate_bn,
+                                  scaled_lr)
 
 log = logging.getLogger("podium.stitching")
 
@@ -282,9 +283,7 @@ def stitch_lr_optimizer(supernet: StitchSupernet, loader: Any, cfg: StitchingCon
     at ``stitch_lr_scale`` times that."""
     if cfg.stitch_lr_scale == 1.0:
         return None
-    batch = getattr(loader, "batch_size", None) or loader.batch_sampler.batch_size
-    sharded = getattr(loader, "sharded", False)
-    lr = scaled_lr(cfg.train, batch * cfg.train.accumulate * (distributed.world_size() if sharded else 1))
+    lr = scaled_lr(cfg.train, images_per_step(loader, cfg.train))
     optimizer = make_optimizer(supernet.anchors, cfg.train, lr)
     for group in make_optimizer(supernet.layers, cfg.train, lr * cfg.stitch_lr_scale).param_groups:
         optimizer.add_param_group(group)
