@@ -3,10 +3,9 @@
 Nothing here imports orchestration or storage (Prefect, MLflow, boto3): every method is usable
 from a notebook, e.g. ``space = Stitching(cfg).fit(data, anchors)``.
 
-Importing the package fills its registries (timm style): model families
-(:mod:`podium.methods.families`), runtimes (:mod:`podium.methods.runtimes`) and methods
-(:mod:`podium.methods.catalog`), each registered by its defining module.
+Registries are filled by their defining modules (timm style): model families
+(:mod:`podium.methods.families`) and runtimes (:mod:`podium.methods.runtimes`) when their package is
+imported, methods (:mod:`podium.methods.catalog`) on the catalogue's first lookup. Importing this
+package itself imports nothing, so a light consumer (the runtimes' fresh-process memory probe) does
+not pay for torch and timm.
 """
-from podium.methods.discovery import import_submodules
-
-import_submodules(__name__, __path__)  # every method module registers itself: a new method is one new file

@@ -1,7 +1,7 @@
 """The catalogue of methods, filled by the defining modules (timm style).
 
-A method module decorates its method class with :func:`register_method`; ``podium.methods``
-imports every method module eagerly, so a name is known as soon as the package is imported.
+A method module decorates its method class with :func:`register_method`; the first lookup imports
+every module of ``podium.methods``, so a new method is one new file and nothing lists it.
 The config loader, ``podium space show``, the training task's cache key and the report ask the
 catalogue; nothing imports a method by name.
 
@@ -57,11 +57,26 @@ def register_method(name: str, config: type[StrictModel], describe: Describe) ->
     return wrap
 
 
+_discovered = False
+
+
+def _discover() -> None:
+    global _discovered
+    if not _discovered:
+        import podium.methods
+        from podium.methods.discovery import import_submodules
+
+        import_submodules("podium.methods", podium.methods.__path__)
+        _discovered = True
+
+
 def method_names() -> tuple[str, ...]:
+    _discover()
     return tuple(METHODS)
 
 
 def get_method(name: str) -> MethodEntry:
+    _discover()
     if name not in METHODS:
         raise KeyError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
     return METHODS[name]
