@@ -6,16 +6,14 @@ decides what runs: the module itself (eager PyTorch) or its exported artifact (O
 """
 from __future__ import annotations
 
-import os
 import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
-import psutil
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
@@ -33,6 +31,8 @@ class DeviceProfile(StrictModel):
     latency_budget_ms: float = Field(gt=0, le=600_000)
     memory_budget_mb: float = Field(1024.0, gt=0, le=1_048_576)
     work_pool: str | None = None  # Prefect work pool of a worker on that hardware; None = profile here
+    # what the device accepts; each beyond fp32 adds derived candidates (quantised from the best FP32 ones)
+    precisions: tuple[Literal["fp32", "fp16", "int8"], ...] = ("fp32",)
     warmup: int = Field(5, ge=0)
     min_repeats: int = Field(20, ge=3)
     max_repeats: int = Field(200, ge=3)
@@ -52,6 +52,17 @@ class DeviceProfile(StrictModel):
             raise ValueError(f"max_repeats ({self.max_repeats}) < min_repeats ({self.min_repeats})")
         return self
 
+    @model_validator(mode="after")
+    def _precisions_buildable(self) -> "DeviceProfile":
+        if not self.precisions or len(set(self.precisions)) != len(self.precisions):
+            raise ValueError(f"precisions {list(self.precisions)}: list each precision once, at least one")
+        supported = get_runtime(self.runtime).precisions
+        unsupported = [p for p in self.precisions if p not in supported]
+        if unsupported:
+            raise ValueError(f"runtime {self.runtime!r} cannot build {', '.join(unsupported)} "
+                             f"(it supports {', '.join(supported)})")
+        return self
+
 
 @dataclass(frozen=True)
 class LatencyStats:
@@ -60,10 +71,11 @@ class LatencyStats:
     mean_ms: float
     iqr_ms: float
     runs: int
-    peak_mem_mb: float  # resident-memory growth of this process while loading + first inference
+    peak_mem_mb: float  # model load + first batch: fresh-process high-water mark, or torch's allocator
     runtime: str
     threads: int
     batch_size: int
+    precision: str = "fp32"  # of the artifact measured
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -94,17 +106,14 @@ def _time_until_stable(run_once: Callable[[], object], profile: DeviceProfile) -
     return samples
 
 
-def _rss_mb() -> float:
-    return psutil.Process(os.getpid()).memory_info().rss / 2**20
-
-
 def measure(model: nn.Module | None, input_shape: tuple[int, int, int], profile: DeviceProfile,
-            artifact: Source | None = None, runtime: str | None = None) -> LatencyStats:
-    """Latency and memory of ``model`` on the profile's runtime (or ``runtime``, for remote devices).
+            artifact: Source | None = None, runtime: str | None = None, precision: str = "fp32") -> LatencyStats:
+    """Latency and memory of ``model`` on the profile's runtime (or ``runtime``).
 
-    ``artifact`` is the runtime's already exported artifact (an ONNX file, ...); without one the model
-    is exported to a temporary folder first. Peak memory is the resident-memory growth of this
-    process while the session opens and runs its first batch.
+    ``artifact`` is the runtime's already exported artifact (an ONNX file, a ``.pt2``, ...); without
+    one, a runtime that runs modules (torch) measures ``model`` itself and any other exports it to a
+    temporary folder first. Peak memory is the runtime's :meth:`~podium.methods.runtimes.Runtime.peak_memory_mb`
+    (model load + first batch, measured before the timing starts).
     """
     rt = get_runtime(runtime or profile.runtime)
     batch = np.random.default_rng(0).standard_normal((profile.batch_size, *input_shape), dtype=np.float32)
@@ -112,12 +121,11 @@ def measure(model: nn.Module | None, input_shape: tuple[int, int, int], profile:
         if artifact is None:
             if model is None:
                 raise ValueError(f"device {profile.name!r}: nothing to measure (no model, no artifact)")
-            artifact = rt.export(model, input_shape, Path(tmp))
-        rss_before = _rss_mb()
+            artifact = model if rt.runs_module else rt.export(model, input_shape, Path(tmp))
+        peak = rt.peak_memory_mb(artifact, input_shape, profile.threads, profile.batch_size)
         with rt.open(artifact, profile.threads) as session:
             prepared = session.prepare(batch)
             session.run(prepared)
-            peak = max(0.0, _rss_mb() - rss_before)
             samples = _time_until_stable(lambda: session.run(prepared), profile)
     return LatencyStats(*_summarise(samples), runs=len(samples), peak_mem_mb=peak, runtime=rt.name,
-                        threads=profile.threads, batch_size=profile.batch_size)
+                        threads=profile.threads, batch_size=profile.batch_size, precision=precision)

@@ -14,7 +14,7 @@ from podium import infra
 from podium.errors import DeviceError
 from podium.methods.base import StrictModel
 from podium.methods.profiling import DeviceProfile
-from podium.methods.runtimes import RUNTIMES, get_runtime
+from podium.methods.runtimes import available_runtimes, get_runtime
 
 DEFAULT_INVENTORY = Path(infra.__file__).with_name("devices.yaml")
 
@@ -49,5 +49,5 @@ def select_devices(inventory: dict[str, DeviceProfile], names: list[str], source
         device = inventory[name]
         if not device.work_pool and not get_runtime(device.runtime).available():
             raise DeviceError(f"{source}: device {name!r} uses runtime {device.runtime!r}, which is not installed "
-                              f"here (available: {', '.join(n for n, r in RUNTIMES.items() if r.available())})")
+                              f"here (available: {', '.join(available_runtimes())})")
     return [inventory[n] for n in names]

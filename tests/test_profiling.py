@@ -32,20 +32,6 @@ def test_profile_threads_are_restored():
     assert torch.get_num_threads() == before
 
 
-def test_every_runtime_runs_its_own_artifact_like_pytorch(tmp_path):
-    """Each registered runtime exports the module to its artifact and computes the same logits (FP32)."""
-    model = build(TINY, 10, 1).eval()
-    x = torch.randn(3, 1, 32, 32)
-    with torch.no_grad():
-        expected = model(x).numpy()
-    assert {"torch", "onnxruntime", "openvino"} <= set(RUNTIMES) and all(r.available() for r in RUNTIMES.values())
-    for name, runtime in RUNTIMES.items():
-        artifact = runtime.export(model, (1, 32, 32), tmp_path / name)
-        with runtime.open(artifact, threads=1) as session:
-            got = session.predict(x.numpy())
-        assert abs(got - expected).max() < 1e-4, name
-
-
 def test_a_measurement_exports_when_no_artifact_is_given():
     """Without an artifact the profiler exports to a temporary folder: ONNX Runtime measures the graph."""
     profile = DeviceProfile(name="t", runtime="onnxruntime", threads=1, latency_budget_ms=100, warmup=0,
@@ -116,4 +102,12 @@ def test_a_runtime_artifact_is_exported_once_beside_the_onnx_and_measured_there(
     xml = (folder / "model.xml").stat().st_mtime_ns
     assert member.export.artifact("openvino", cand.model) == folder / "model.xml"  # reused, not exported again
     assert (folder / "model.xml").stat().st_mtime_ns == xml
-    assert member.export.artifact("torch", cand.model) is None  # eager runs the module itself
+    assert member.export.artifact("torch", cand.model) == folder / "model.pt2"  # torch's portable artifact, on demand
+
+
+def test_a_device_lists_only_precisions_its_runtime_builds():
+    assert DeviceProfile(name="q", runtime="onnxruntime", latency_budget_ms=1, precisions=("fp32", "int8")).precisions
+    with pytest.raises(ValidationError, match="runtime 'torch' cannot build int8 \\(it supports fp32\\)"):
+        DeviceProfile(name="t", runtime="torch", latency_budget_ms=1, precisions=("fp32", "int8"))
+    with pytest.raises(ValidationError, match="list each precision once"):
+        DeviceProfile(name="t", runtime="onnxruntime", latency_budget_ms=1, precisions=("int8", "int8"))

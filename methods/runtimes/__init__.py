@@ -1,23 +1,30 @@
 """Deployment runtimes behind one interface, registered by the defining module.
 
-A runtime exports a candidate to its artifact, opens a session on it with a thread count, runs a
-prepared batch, and says whether it is available on this machine. Every measurement in Podium (the
-profiler, OFA's latency table, remote devices) goes through :func:`get_runtime`, so a device's
-runtime decides how its latency is measured, everywhere.
+A runtime exports a candidate to its artifact in a precision it supports (``fp32``, ``fp16``, ``int8``:
+INT8 is post-training static quantisation calibrated on images the caller passes), opens a session on
+an artifact with a thread count, runs a prepared batch, measures a session's peak memory, and says
+whether it is available on this machine. Every measurement in Podium (the profiler, OFA's latency
+table, remote devices, INT8 accuracy) goes through :func:`get_runtime`, so a device's runtime decides
+how its model is built and measured, everywhere.
 
 Adding a runtime is one file here: subclass :class:`Runtime`, decorate it with
-:func:`register_runtime`, import it below.
+:func:`register_runtime`. Runtime modules import their libraries (torch included) lazily: this package
+is imported by the fresh-process memory probe, which must not pay for what it does not measure.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
-from torch import nn
 
-Source = Path | nn.Module  # what a session opens: the runtime's artifact, or the module itself (eager)
+Source = Any  # what a session opens: a Path to the runtime's artifact, or (torch) the nn.Module itself
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class Session(ABC):
@@ -39,24 +46,52 @@ class Session(ABC):
     def run(self, prepared: Any) -> Any: ...
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Logits of a batch as a NumPy array."""
-        return np.asarray(self.run(self.prepare(batch)))
+        """Logits of a batch as a float32 NumPy array."""
+        return np.asarray(self.run(self.prepare(batch)), dtype=np.float32)
 
 
 class Runtime(ABC):
     name: ClassVar[str]
-    artifact_name: ClassVar[str | None]  # the file it runs from (None: the in-memory module)
-    portable: ClassVar[bool]  # its artifact can be shipped to another machine and measured there
+    artifact_name: ClassVar[str]  # the file a session opens (a sibling file may belong to it: artifact_files)
+    precisions: ClassVar[tuple[str, ...]] = ("fp32",)  # what export() can build here
+    runs_module: ClassVar[bool] = False  # a local session may open the nn.Module itself (no export needed)
 
     @abstractmethod
     def available(self) -> bool: ...
 
     @abstractmethod
-    def export(self, model: nn.Module, input_shape: tuple[int, int, int], folder: Path) -> Source:
-        """The artifact of ``model`` for this runtime, written under ``folder`` (C, H, W input)."""
+    def export(self, model: Any, input_shape: tuple[int, int, int], folder: Path, precision: str = "fp32",
+               calibration: Sequence[np.ndarray] = ()) -> Path:
+        """Write ``model``'s artifact in ``precision`` under ``folder`` and return its main file.
+
+        ``input_shape`` is C, H, W. ``calibration`` (float32 NCHW batches of training images, already
+        normalised) is required for ``int8``: static quantisation observes activations on it."""
 
     @abstractmethod
     def open(self, source: Source, threads: int) -> Session: ...
+
+    def import_library(self) -> None:
+        """Import the runtime's library (the memory probe's baseline is taken after this)."""
+
+    def artifact_files(self, artifact: Path) -> list[Path]:
+        """Every file the artifact consists of (what a release or a remote device must receive)."""
+        return [Path(artifact)]
+
+    def peak_memory_mb(self, source: Source, input_shape: tuple[int, int, int], threads: int,
+                       batch_size: int) -> float:
+        """Peak resident memory of opening ``source`` and running its first batch, in a fresh process
+        (the runtime's own libraries already imported, so only the model's cost counts)."""
+        return probe_peak_memory_mb(self.name, Path(source), input_shape, threads, batch_size)
+
+    def check_precision(self, precision: str) -> None:
+        if precision not in self.precisions:
+            raise ValueError(f"runtime {self.name!r} cannot build {precision} here (it supports "
+                             f"{', '.join(self.precisions)})")
+
+    @staticmethod
+    def require_calibration(precision: str, calibration: Sequence[np.ndarray]) -> None:
+        if precision == "int8" and not len(calibration):
+            raise ValueError("int8 export needs calibration batches (training images)")
 
 
 RUNTIMES: dict[str, Runtime] = {}
@@ -77,11 +112,22 @@ def runtime_names() -> tuple[str, ...]:
     return tuple(RUNTIMES)
 
 
-def remote_runtime(name: str) -> Runtime:
-    """The runtime a remote device measures with: its own when its artifact travels, else ONNX Runtime
-    (an arbitrary ``nn.Module`` cannot be rebuilt safely on another machine from its weights alone)."""
-    runtime = get_runtime(name)
-    return runtime if runtime.portable else get_runtime("onnxruntime")
+def available_runtimes() -> tuple[str, ...]:
+    return tuple(n for n, r in RUNTIMES.items() if r.available())
+
+
+def probe_peak_memory_mb(runtime: str, artifact: Path, input_shape: tuple[int, int, int], threads: int,
+                         batch_size: int, timeout_s: float = 300.0) -> float:
+    """Run :mod:`podium.methods.runtimes.probe` in a new interpreter and return its answer (MB)."""
+    request = json.dumps({"runtime": runtime, "artifact": str(artifact), "input_shape": list(input_shape),
+                          "threads": threads, "batch_size": batch_size})
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run([sys.executable, "-m", "podium.methods.runtimes.probe", request], capture_output=True,
+                          text=True, timeout=timeout_s, env=env)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"memory probe of {artifact} on {runtime} failed: {tail}")
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["peak_mem_mb"])
 
 
 from podium.methods.discovery import import_submodules  # noqa: E402

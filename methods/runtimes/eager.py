@@ -1,29 +1,45 @@
-"""Eager PyTorch on the CPU: the module itself, no artifact."""
+"""Eager PyTorch on the CPU: the module itself here, its ``torch.export`` program elsewhere.
+
+Locally a session runs the candidate's own ``nn.Module``. The portable artifact is ``model.pt2``
+(``torch.export``, dynamic batch): what a remote device or a release carries, since an arbitrary
+module's Python class cannot be rebuilt from its weights. A ``.pt2`` archive is loaded only after
+every pickled entry in it has been checked to load with ``weights_only=True`` (torch's own loader
+falls back to full unpickling, which would run code planted in the file).
+
+Peak memory comes from PyTorch's allocator events (profiler ``profile_memory``): the bytes of the
+parameters and buffers plus the highest live total of tensors allocated during the first batch.
+"""
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
 from podium.methods.runtimes import Runtime, Session, Source, register_runtime
 
 
 class EagerSession(Session):
-    def __init__(self, model: nn.Module, threads: int) -> None:
-        self.model = model.eval()
+    def __init__(self, model: Any, threads: int) -> None:
+        import torch
+
+        self.model = model  # in eval mode already (an exported program's module cannot switch modes)
         self.previous_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
         self.inference = torch.inference_mode()
         self.inference.__enter__()
 
     def close(self) -> None:
+        import torch
+
         self.inference.__exit__(None, None, None)
         torch.set_num_threads(self.previous_threads)
 
-    def prepare(self, batch: np.ndarray) -> torch.Tensor:
+    def prepare(self, batch: np.ndarray) -> Any:
+        import torch
+
         device = next(self.model.parameters(), torch.empty(0)).device
         return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(device)
 
@@ -34,19 +50,89 @@ class EagerSession(Session):
         return self.run(self.prepare(batch)).float().cpu().numpy()
 
 
+def check_pt2(path: Path) -> None:
+    """Refuse a ``.pt2`` archive whose loading could unpickle arbitrary objects."""
+    import torch
+
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if name.endswith("_config.json") and '"use_pickle": true' in archive.read(name).decode():
+                raise ValueError(f"{path}: {name} asks for pickled tensors; refusing to load it")
+            if name.endswith((".pt", ".pkl")):
+                try:
+                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                except Exception as exc:
+                    raise ValueError(f"{path}: {name} is not plain tensors ({str(exc).splitlines()[0][:120]})") from None
+
+
+def load_pt2(path: Path) -> Any:
+    import torch
+
+    check_pt2(Path(path))
+    return torch.export.load(str(path)).module()
+
+
+def allocator_peak_mb(model: Any, batch: np.ndarray) -> float:
+    """Parameters + buffers + the peak of live tensor bytes PyTorch's allocator saw during one batch."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(x)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return (resident + peak) / 2**20
+
+
 @register_runtime
 class EagerRuntime(Runtime):
     name = "torch"
-    artifact_name = None
-    portable = False
+    artifact_name = "model.pt2"
+    runs_module = True
 
     def available(self) -> bool:
         return True
 
-    def export(self, model: nn.Module, input_shape: tuple[int, int, int], folder: Path) -> Source:
-        return model
+    def import_library(self) -> None:
+        import torch  # noqa: F401
+
+    def export(self, model: Any, input_shape: tuple[int, int, int], folder: Path, precision: str = "fp32",
+               calibration: Sequence[np.ndarray] = ()) -> Path:
+        import copy
+
+        import torch
+        from torch.export import Dim
+
+        self.check_precision(precision)
+        target = Path(folder) / self.artifact_name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        module = copy.deepcopy(model).cpu().eval()
+        example = torch.zeros(2, *input_shape)
+        program = torch.export.export(module, (example,), dynamic_shapes=({0: Dim("batch", min=1, max=4096)},),
+                                      strict=False)
+        torch.export.save(program, str(target))
+        return target
 
     def open(self, source: Source, threads: int) -> Session:
-        if not isinstance(source, nn.Module):
-            raise TypeError("the torch runtime runs an nn.Module, not a file")
-        return EagerSession(source, threads)
+        import torch
+
+        if isinstance(source, torch.nn.Module):
+            return EagerSession(source.eval(), threads)
+        return EagerSession(load_pt2(Path(source)), threads)
+
+    def peak_memory_mb(self, source: Source, input_shape: tuple[int, int, int], threads: int,
+                       batch_size: int) -> float:
+        import torch
+
+        model = source.eval() if isinstance(source, torch.nn.Module) else load_pt2(Path(source))
+        batch = np.random.default_rng(0).standard_normal((batch_size, *input_shape), dtype=np.float32)
+        with EagerSession(model, threads):
+            return allocator_peak_mb(model, batch)
+
+

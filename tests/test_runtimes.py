@@ -1,0 +1,104 @@
+"""Every available runtime runs its own artifact like PyTorch (FP32), builds every precision it lists,
+measures a real peak memory, and keeps INT8 accuracy on the digits within a stated bound."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from podium.methods.families import build
+from podium.methods.runtimes import RUNTIMES, available_runtimes, get_runtime
+
+TINY = {"family": "resnet", "layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}
+SHAPE = (1, 32, 32)
+FP32_TOLERANCE = 1e-4  # max |logit difference| against eager PyTorch
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build(TINY, 10, 1).eval()
+
+
+def _calibration(n: int = 2) -> list[np.ndarray]:
+    return [np.random.default_rng(i).standard_normal((8, *SHAPE), dtype=np.float32) for i in range(n)]
+
+
+@pytest.mark.parametrize("name", available_runtimes())
+def test_fp32_artifact_matches_pytorch(name, tiny, tmp_path):
+    runtime = get_runtime(name)
+    x = np.random.default_rng(7).standard_normal((3, *SHAPE), dtype=np.float32)
+    with torch.no_grad():
+        expected = tiny(torch.from_numpy(x)).numpy()
+    artifact = runtime.export(tiny, SHAPE, tmp_path)
+    assert artifact.name == runtime.artifact_name and all(p.exists() for p in runtime.artifact_files(artifact))
+    for batch in (x, x[:1]):  # the batch axis is dynamic
+        with runtime.open(artifact, threads=1) as session:
+            got = session.predict(batch)
+        assert got.dtype == np.float32 and np.abs(got - expected[: len(batch)]).max() < FP32_TOLERANCE, name
+
+
+@pytest.mark.parametrize("name", available_runtimes())
+def test_peak_memory_is_measured(name, tiny, tmp_path):
+    """Model load + first batch costs memory: a real positive number, larger for a larger batch's activations."""
+    runtime = get_runtime(name)
+    artifact = runtime.export(tiny, SHAPE, tmp_path)
+    small = runtime.peak_memory_mb(artifact, SHAPE, threads=1, batch_size=1)
+    large = runtime.peak_memory_mb(artifact, SHAPE, threads=1, batch_size=256)
+    assert 0 < small < 2048 and large > small, (name, small, large)
+
+
+@pytest.mark.parametrize("name", [n for n in available_runtimes() if "int8" in RUNTIMES[n].precisions])
+def test_int8_artifact_is_quantised_and_close(name, tiny, tmp_path):
+    runtime = get_runtime(name)
+    fp32 = runtime.export(tiny, SHAPE, tmp_path / "fp32")
+    int8 = runtime.export(tiny, SHAPE, tmp_path / "int8", "int8", _calibration())
+    size = lambda a: sum(p.stat().st_size for p in runtime.artifact_files(a))  # noqa: E731
+    assert size(int8) < 0.6 * size(fp32), name  # INT8 weights: about a quarter of FP32's bytes
+    x = _calibration(1)[0]
+    with runtime.open(fp32, 1) as a, runtime.open(int8, 1) as b:
+        ref, got = a.predict(x), b.predict(x)
+    assert not np.array_equal(ref, got) and np.abs(ref - got).max() < 0.25 * np.abs(ref).max(), name
+
+
+def test_int8_needs_calibration_and_unsupported_precisions_are_refused(tiny, tmp_path):
+    with pytest.raises(ValueError, match="int8 export needs calibration batches"):
+        get_runtime("onnxruntime").export(tiny, SHAPE, tmp_path, "int8")
+    with pytest.raises(ValueError, match="runtime 'torch' cannot build int8 here"):
+        get_runtime("torch").export(tiny, SHAPE, tmp_path, "int8", _calibration())
+
+
+def test_a_pt2_with_pickled_entries_is_refused(tiny, tmp_path):
+    """torch.export.load falls back to full unpickling; Podium checks the archive first."""
+    import zipfile
+
+    from podium.methods.runtimes.eager import check_pt2
+
+    artifact = get_runtime("torch").export(tiny, SHAPE, tmp_path)
+    check_pt2(artifact)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    import io
+    import pickle
+
+    planted = tmp_path / "planted.pt2"
+    with zipfile.ZipFile(artifact) as src, zipfile.ZipFile(planted, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("sample_inputs/model.pt"):
+                buffer = io.BytesIO()
+                torch.save({"x": Evil()}, buffer, pickle_module=pickle)
+                data = buffer.getvalue()
+            dst.writestr(item, data)
+    with pytest.raises(ValueError, match="is not plain tensors"):
+        get_runtime("torch").open(planted, threads=1)
+
+
+def test_gpu_runtimes_say_they_are_unavailable_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    for name in ("onnxruntime-cuda", "onnxruntime-tensorrt"):
+        assert not get_runtime(name).available()
