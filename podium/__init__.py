@@ -11,7 +11,6 @@ for _key, _value in {
     "PREFECT_LOGGING_EXTRA_LOGGERS": "podium",
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # CLI commands outside a flow (fetch) log locally
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # first start runs migrations
-    "KINETO_LOG_LEVEL": "6",  # the torch profiler (memory of eager sessions) prints stage lines otherwise
 }.items():
     os.environ.setdefault(_key, _value)
 

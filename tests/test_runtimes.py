@@ -20,17 +20,35 @@ def tiny():
     return build(TINY, 10, 1).eval()
 
 
+@pytest.fixture(scope="module")
+def fp32_artifacts(tiny, tmp_path_factory):
+    """Each runtime's FP32 export, made once (ExecuTorch's lowering alone takes 15-35 s)."""
+    folder = tmp_path_factory.mktemp("fp32")
+    made: dict = {}
+
+    def get(name: str):
+        if name not in made:
+            made[name] = get_runtime(name).export(tiny, SHAPE, folder / name)
+        return made[name]
+
+    return get
+
+
+def test_the_cpu_runtimes_are_installed_here():
+    assert {"torch", "onnxruntime", "openvino", "executorch"} <= set(available_runtimes())
+
+
 def _calibration(n: int = 2) -> list[np.ndarray]:
     return [np.random.default_rng(i).standard_normal((8, *SHAPE), dtype=np.float32) for i in range(n)]
 
 
 @pytest.mark.parametrize("name", available_runtimes())
-def test_fp32_artifact_matches_pytorch(name, tiny, tmp_path):
+def test_fp32_artifact_matches_pytorch(name, tiny, fp32_artifacts):
     runtime = get_runtime(name)
     x = np.random.default_rng(7).standard_normal((3, *SHAPE), dtype=np.float32)
     with torch.no_grad():
         expected = tiny(torch.from_numpy(x)).numpy()
-    artifact = runtime.export(tiny, SHAPE, tmp_path)
+    artifact = fp32_artifacts(name)
     assert artifact.name == runtime.artifact_name and all(p.exists() for p in runtime.artifact_files(artifact))
     for batch in (x, x[:1]):  # the batch axis is dynamic
         with runtime.open(artifact, threads=1) as session:
@@ -39,19 +57,19 @@ def test_fp32_artifact_matches_pytorch(name, tiny, tmp_path):
 
 
 @pytest.mark.parametrize("name", available_runtimes())
-def test_peak_memory_is_measured(name, tiny, tmp_path):
+def test_peak_memory_is_measured(name, fp32_artifacts):
     """Model load + first batch costs memory: a real positive number, larger for a larger batch's activations."""
     runtime = get_runtime(name)
-    artifact = runtime.export(tiny, SHAPE, tmp_path)
+    artifact = fp32_artifacts(name)
     small = runtime.peak_memory_mb(artifact, SHAPE, threads=1, batch_size=1)
     large = runtime.peak_memory_mb(artifact, SHAPE, threads=1, batch_size=256)
     assert 0 < small < 2048 and large > small, (name, small, large)
 
 
 @pytest.mark.parametrize("name", [n for n in available_runtimes() if "int8" in RUNTIMES[n].precisions])
-def test_int8_artifact_is_quantised_and_close(name, tiny, tmp_path):
+def test_int8_artifact_is_quantised_and_close(name, tiny, fp32_artifacts, tmp_path):
     runtime = get_runtime(name)
-    fp32 = runtime.export(tiny, SHAPE, tmp_path / "fp32")
+    fp32 = fp32_artifacts(name)
     int8 = runtime.export(tiny, SHAPE, tmp_path / "int8", "int8", _calibration())
     size = lambda a: sum(p.stat().st_size for p in runtime.artifact_files(a))  # noqa: E731
     assert size(int8) < 0.6 * size(fp32), name  # INT8 weights: about a quarter of FP32's bytes
