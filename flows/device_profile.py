@@ -8,13 +8,10 @@ and the list of models as JSON parameters, waits for the run, and reads the answ
 store. Nothing is unpickled and no PyTorch module is rebuilt here: the device only needs the ONNX
 file.
 
-Runtime choice for ``torch`` devices: a candidate is an arbitrary standalone ``nn.Module`` (stitched
-networks, elastic sub-networks, early exits) whose Python class cannot be rebuilt safely from its
-weights alone, and the only safe, self-describing artifact is the ONNX graph. So a ``torch`` device
-is measured with ONNX Runtime on that graph at the device's threads and batch size, and the stats
-say so: their ``runtime`` field is ``"onnxruntime"`` (not ``"torch"``) and the run logs a warning.
-Eager-PyTorch latency on a remote device is therefore not available; devices that need it should be
-profiled locally (no ``work_pool``) or switched to ``runtime: onnxruntime``.
+Each model arrives as the artifact of the device's own runtime (ONNX for ONNX Runtime, the IR pair
+for OpenVINO, ``model.pt2`` for torch, ``model.pte`` for ExecuTorch), each file checked against the
+sha256 the requesting run recorded before anything opens it; so the stats a device returns are its
+runtime's, in the precision the model was built in.
 """
 from __future__ import annotations
 
@@ -29,7 +26,7 @@ from prefect import flow, get_run_logger
 from podium.errors import ProfileRequestError
 from podium.files import sha256_file
 from podium.methods.profiling import DeviceProfile, measure
-from podium.methods.runtimes import remote_runtime
+from podium.registry.release import check_name
 from podium.registry.stores import ArtifactStore, open_store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -37,33 +34,34 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def measure_models(device: DeviceProfile, models: list[dict[str, Any]], store: ArtifactStore,
                    logger: logging.Logger | logging.LoggerAdapter | None = None) -> dict[str, dict]:
-    """Download each model's ONNX graph, check its sha256, and measure it; {name: LatencyStats dict}.
+    """Download each model's artifact files, check their sha256, and measure it with the device's
+    runtime; {name: LatencyStats dict}.
 
     Models are measured one after another (measurements must not overlap on the device). Any bad
     model fails the whole request: a partial answer would silently drop candidates from the race.
     """
     log = logger or logging.getLogger("podium.flows.device_profile")
-    runtime = remote_runtime(device.runtime)
-    if runtime.name != device.runtime:
-        log.warning("device %s asks for runtime %s: measuring the exported graph with %s instead (a remote "
-                    "device never rebuilds PyTorch modules); stats are labelled %s", device.name, device.runtime,
-                    runtime.name, runtime.name)
     results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="podium-profile-") as tmp:
-        for i, model in enumerate(models):
-            name, key, shape = model.get("name"), model.get("onnx"), model.get("input_shape")
-            if not (isinstance(name, str) and isinstance(key, str) and isinstance(shape, list) and len(shape) == 3):
-                raise ProfileRequestError(f"model #{i}: expected name, onnx key and a 3-item input_shape, got {model}")
-            local = Path(tmp) / f"{i}-{runtime.artifact_name}"
-            store.get_file(key, local)
-            expected = model.get("onnx_sha256")
-            if expected and sha256_file(local) != expected:
-                raise ProfileRequestError(f"model {name!r}: {key} does not match its sha256")
-            stats = measure(None, (int(shape[0]), int(shape[1]), int(shape[2])), device, artifact=local,
-                            runtime=runtime.name)
-            results[name] = stats.as_dict()
-            log.info("%s on %s: p50 %.3f ms (%d runs)", name, device.name, stats.p50_ms, stats.runs)
-            local.unlink()
+    for i, model in enumerate(models):
+        name, files, main, shape = model.get("name"), model.get("files"), model.get("main"), model.get("input_shape")
+        if not (isinstance(name, str) and isinstance(files, list) and files and isinstance(main, str)
+                and isinstance(shape, list) and len(shape) == 3):
+            raise ProfileRequestError(f"model #{i}: expected name, files, main and a 3-item input_shape, got {model}")
+        if model.get("runtime", device.runtime) != device.runtime:
+            raise ProfileRequestError(f"model {name!r} is a {model.get('runtime')} artifact; device {device.name} "
+                                      f"runs {device.runtime}")
+        with tempfile.TemporaryDirectory(prefix="podium-profile-") as tmp:
+            for entry in files:
+                file_name = check_name(entry.get("name"))
+                local = Path(tmp) / file_name
+                store.get_file(entry["key"], local)
+                if sha256_file(local) != entry.get("sha256"):
+                    raise ProfileRequestError(f"model {name!r}: {entry['key']} does not match its sha256")
+            stats = measure(None, (int(shape[0]), int(shape[1]), int(shape[2])), device,
+                            artifact=Path(tmp) / check_name(main), precision=str(model.get("precision", "fp32")))
+        results[name] = stats.as_dict()
+        log.info("%s on %s: p50 %.3f ms, %.1f MB (%d runs)", name, device.name, stats.p50_ms, stats.peak_mem_mb,
+                 stats.runs)
     return results
 
 
@@ -72,8 +70,9 @@ def profile(device: dict[str, Any], models: list[dict[str, Any]], store_uri: str
             store_endpoint_url: str | None = None, result_key: str | None = None) -> dict[str, dict]:
     """Measure ``models`` on this machine with ``device``'s settings.
 
-    ``device`` is ``DeviceProfile.model_dump(mode="json")``; each model is ``{"name", "onnx" (store
-    key), "weights" (store key, not needed here), "onnx_sha256", "input_shape": [C, H, W]}``. The
+    ``device`` is ``DeviceProfile.model_dump(mode="json")``; each model is ``{"name", "runtime",
+    "precision", "main" (the file a session opens), "files": [{"key", "name", "sha256"}],
+    "input_shape": [C, H, W]}``. The
     answer ``{candidate name: LatencyStats.as_dict()}`` is returned and, when ``result_key`` is
     given, also written to the store as JSON (the caller's machine cannot read this worker's
     local Prefect result storage).

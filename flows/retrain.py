@@ -1,4 +1,4 @@
-"""The main flow: data → validation → anchors → methods → profiling → winners → registry → store."""
+"""The main flow: data → validation → anchors → methods → profiling → precisions → winners → registry → store."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,6 +12,7 @@ from podium.methods.base import Candidate
 from podium.tasks.anchors import acquire_anchors
 from podium.tasks.data import validate_data, version_dataset
 from podium.tasks.profile import profile_candidates
+from podium.tasks.quantize import derive_precisions
 from podium.tasks.release import Outcome, promote_winners
 from podium.tasks.report import write_report
 from podium.tasks.runs import load_run_config, tracked_run
@@ -52,6 +53,7 @@ def retrain(config_path: str = "configs/demo.yaml", project_dir: str = ".",
         spaces, keys, cached, failed = train_methods(ctx, ref, anchors, teacher)
         offers = collect_offers(ctx, spaces, keys, anchor_candidates, devices)
         pool = profile_candidates(ctx, offers, devices, cfg.devices.remote_timeout_s)
+        pool += derive_precisions(ctx, ref, pool, devices)
         outcomes, winners, failed_devices = promote_winners(ctx, ref, pool, devices)
         report = write_report(ctx, devices, pool, outcomes, spaces)
         print(report)

@@ -107,13 +107,15 @@ def _time_until_stable(run_once: Callable[[], object], profile: DeviceProfile) -
 
 
 def measure(model: nn.Module | None, input_shape: tuple[int, int, int], profile: DeviceProfile,
-            artifact: Source | None = None, runtime: str | None = None, precision: str = "fp32") -> LatencyStats:
+            artifact: Source | None = None, runtime: str | None = None, precision: str = "fp32",
+            memory: bool = True) -> LatencyStats:
     """Latency and memory of ``model`` on the profile's runtime (or ``runtime``).
 
     ``artifact`` is the runtime's already exported artifact (an ONNX file, a ``.pt2``, ...); without
     one, a runtime that runs modules (torch) measures ``model`` itself and any other exports it to a
     temporary folder first. Peak memory is the runtime's :meth:`~podium.methods.runtimes.Runtime.peak_memory_mb`
-    (model load + first batch, measured before the timing starts).
+    (model load + first batch, measured before the timing starts); ``memory=False`` skips it (latency
+    tables that only need p50) and reports ``nan``.
     """
     rt = get_runtime(runtime or profile.runtime)
     batch = np.random.default_rng(0).standard_normal((profile.batch_size, *input_shape), dtype=np.float32)
@@ -122,7 +124,7 @@ def measure(model: nn.Module | None, input_shape: tuple[int, int, int], profile:
             if model is None:
                 raise ValueError(f"device {profile.name!r}: nothing to measure (no model, no artifact)")
             artifact = model if rt.runs_module else rt.export(model, input_shape, Path(tmp))
-        peak = rt.peak_memory_mb(artifact, input_shape, profile.threads, profile.batch_size)
+        peak = rt.peak_memory_mb(artifact, input_shape, profile.threads, profile.batch_size) if memory else float("nan")
         with rt.open(artifact, profile.threads) as session:
             prepared = session.prepare(batch)
             session.run(prepared)

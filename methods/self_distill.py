@@ -498,7 +498,7 @@ def early_exit_latency(net: EarlyExitNet, exit_counts: Sequence[int], input_shap
     total = sum(exit_counts)
     if total == 0:
         raise ValueError("no images: the exit histogram is empty")
-    per_exit_ms = [measure(ForcedExitPath(net, pos), input_shape, profile).mean_ms if n else float("nan")
+    per_exit_ms = [measure(ForcedExitPath(net, pos), input_shape, profile, memory=False).mean_ms if n else float("nan")
                    for pos, n in enumerate(exit_counts)]
     mean_ms = sum(ms * n for ms, n in zip(per_exit_ms, exit_counts) if n) / total
     return {"mean_ms": mean_ms, "exit_mean_ms": per_exit_ms}
@@ -568,7 +568,7 @@ class SelfDistillSpace(CandidateSpace):
         threshold = self.cfg.early_exit_threshold
         if threshold is not None:
             early = measure_early_exit(self.early_exit_model(threshold), self.data.val, self.input_shape)
-            backbone = measure(plain_backbone(self.model), self.input_shape, EARLY_EXIT_PROFILE)
+            backbone = measure(plain_backbone(self.model), self.input_shape, EARLY_EXIT_PROFILE, memory=False)
             report["early_exit_threshold"] = float(threshold)
             report["early_exit_val_acc"] = early["acc"]
             report["early_exit_mean_ms"] = early["mean_ms"]

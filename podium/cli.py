@@ -97,8 +97,10 @@ def fetch(model: str = typer.Option(...), device: str = typer.Option(...), dest:
         from podium.registry.stores import open_store
 
         manifest = fetch_release(open_store(store, endpoint_url), model, device, dest, version=version)
-        typer.echo(f"fetched {model}/{device} v{manifest['version']} -> {dest} "
-                   f"({', '.join(f['name'] for f in manifest['files'])})")
+        artifact = manifest.get("artifact") or {"runtime": "onnxruntime", "precision": "fp32", "main": "model.onnx"}
+        typer.echo(f"fetched {model}/{device} v{manifest['version']} -> {dest}: run {artifact['main']} with "
+                   f"{artifact['runtime']} ({artifact['precision']}); files "
+                   f"{', '.join(f['name'] for f in manifest['files'])}")
 
     _run(action)
 
@@ -115,14 +117,16 @@ def models(config: Path = typer.Option(Path("configs/demo.yaml"))) -> None:
 
         cfg = load_config(config)
         registry = ModelRegistry(cfg.tracking.uri, cfg.tracking.artifact_root)
-        typer.echo(f"{'device':<14} {'version':>7} {'method':<12} {'val_acc':>7} {'p50 ms':>8} {'data hash':<14} date")
+        typer.echo(f"{'device':<14} {'version':>7} {'method':<12} {'runtime':<12} {'prec':<5} {'val_acc':>7} "
+                   f"{'p50 ms':>8} {'data hash':<14} date")
         for device in cfg.devices.use:
             v = registry.version_by_alias(cfg.model_name, device)
             if v is None:
                 typer.echo(f"{device:<14} {'-':>7} (no champion)")
                 continue
             when = datetime.fromtimestamp(v.creation_timestamp / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
-            typer.echo(f"{device:<14} {v.version:>7} {v.tags.get('method', ''):<12} {float(v.tags.get('val_acc', 'nan')):>7.4f} "
+            typer.echo(f"{device:<14} {v.version:>7} {v.tags.get('method', ''):<12} {v.tags.get('runtime', '?'):<12} "
+                       f"{v.tags.get('precision', 'fp32'):<5} {float(v.tags.get('val_acc', 'nan')):>7.4f} "
                        f"{float(v.tags.get('p50_ms', 'nan')):>8.3f} {v.tags.get('data_hash', '')[:12]:<14} {when}")
 
     _run(action)

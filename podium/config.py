@@ -112,10 +112,19 @@ class TeacherConfig(AnchorConfig):
     name: str = Field("teacher", pattern=r"^[a-z0-9][a-z0-9_-]*$")
 
 
+class QuantizeConfig(StrictModel):
+    """Derived FP16/INT8 candidates for devices that accept them (see :mod:`podium.tasks.quantize`)."""
+
+    per_method: int = Field(2, ge=1, le=50)  # each method's most accurate FP32 candidates, per device
+    max_speedup: float = Field(4.0, ge=1.0, le=100.0)  # parents' FP32 p50 at most this x the latency budget
+    calibration_images: int = Field(256, ge=8, le=100_000)  # training images INT8 calibration observes
+
+
 class DevicesConfig(StrictModel):
     inventory: str = str(DEFAULT_INVENTORY)
     use: list[str] = Field(default_factory=lambda: ["cpu-1t", "cpu-2t-onnx"])
     remote_timeout_s: float = Field(900.0, gt=0)  # wait for a work-pool device's profile run (queue + measure)
+    quantize: QuantizeConfig = QuantizeConfig()
 
 
 class RuntimeConfig(StrictModel):

@@ -11,7 +11,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import mlflow
 import numpy as np
@@ -109,14 +109,15 @@ class ModelRegistry:
 
     # --- models -----------------------------------------------------------------------------
     def log_model(self, run_id: str, name: str, onnx_path: Path, weights_path: Path,
-                  metadata: dict[str, Any], input_example: np.ndarray) -> str:
-        """Log an ONNX model (+ weights and metadata.json as extra files); returns its model URI."""
+                  metadata: dict[str, Any], input_example: np.ndarray, extra_files: Sequence[Path] = ()) -> str:
+        """Log an ONNX model (+ weights, metadata.json and the device runtime's own artifact files as
+        extra files); returns its model URI."""
         with tempfile.TemporaryDirectory() as tmp:
             meta_path = Path(tmp) / "metadata.json"
             meta_path.write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
             info = mlflow.onnx.log_model(
                 onnx.load(str(onnx_path)), name=name, run_id=run_id, input_example=input_example,
-                pip_requirements=ONNX_REQUIREMENTS, extra_files=[str(weights_path), str(meta_path)],
+                pip_requirements=ONNX_REQUIREMENTS, extra_files=[str(weights_path), str(meta_path), *map(str, extra_files)],
                 save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"],
             )
         return info.model_uri
@@ -165,12 +166,17 @@ class ModelRegistry:
 
 
 def model_files(download_dir: Path) -> dict[str, Path]:
-    """Locate model.onnx, the weights and metadata.json inside a downloaded MLflow ONNX model."""
+    """Locate model.onnx, the weights, metadata.json and the runtime artifact's files its
+    ``artifact.files`` lists inside a downloaded MLflow ONNX model."""
     found = {p.name: p for p in Path(download_dir).rglob("*") if p.is_file()}
-    missing = [n for n in ("model.onnx", "weights.safetensors", "metadata.json") if n not in found]
+    wanted = ["model.onnx", "weights.safetensors", "metadata.json"]
+    if "metadata.json" in found:
+        artifact = json.loads(found["metadata.json"].read_text()).get("artifact") or {}
+        wanted += [n for n in artifact.get("files", []) if n not in wanted]
+    missing = [n for n in wanted if n not in found]
     if missing:
         raise RegistryError(f"downloaded model in {download_dir} lacks {', '.join(missing)}")
-    return {n: found[n] for n in ("model.onnx", "weights.safetensors", "metadata.json")}
+    return {n: found[n] for n in wanted}
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -26,9 +26,14 @@ def plot_device(device: DeviceProfile, rows: list[dict], path: Path) -> Path:
 
     measured = [r for r in rows if r["p50_ms"] is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {"fp32": "o", "fp16": "s", "int8": "^"}
     for i, method in enumerate(sorted({r["method"] for r in measured})):
-        pts = [r for r in measured if r["method"] == method]
-        ax.scatter([r["p50_ms"] for r in pts], [r["val_acc"] for r in pts], label=method, color=f"C{i}", s=24)
+        for precision, marker in markers.items():
+            pts = [r for r in measured if r["method"] == method and r.get("precision", "fp32") == precision]
+            if pts:
+                label = method if precision == "fp32" else f"{method} {precision}"
+                ax.scatter([r["p50_ms"] for r in pts], [r["val_acc"] for r in pts], label=label, color=f"C{i}",
+                           marker=marker, s=24)
     front = pareto_front(measured, cost=lambda r: r["p50_ms"], value=lambda r: r["val_acc"])
     if front:
         ax.plot([r["p50_ms"] for r in front], [r["val_acc"] for r in front], color="grey", lw=1, ls=":",

@@ -37,49 +37,80 @@ from podium.tasks.common import RunContext, candidate_digest
 log = logging.getLogger("podium.tasks.profile")
 _cache_lock = threading.Lock()
 
-EXPORT_FILES = ("model.onnx", "weights.safetensors")
-
 
 @dataclass(frozen=True)
 class ExportedModel:
-    """A candidate's deployment files, content-addressed by its digest."""
+    """A candidate's deployment files, content-addressed by its digest: the FP32 ONNX graph, the
+    weights and each runtime's FP32 artifact side by side (``model.xml``, ``model.pt2``, ...; ONNX
+    runtimes share ``model.onnx``). A derived FP16/INT8 model's artifact lives in
+    ``<precision>-<runtime>-<digest>/`` of its parent's folder and is the only one it has."""
 
     digest: str
     onnx: Path
     weights: Path
     input_shape: tuple[int, int, int]
+    precision: str = "fp32"
+    runtime: str | None = None  # derived models: the one runtime they were built for
 
-    def artifact(self, runtime: str, model: nn.Module) -> Path | None:
-        """The file ``runtime`` runs from (None: it runs the module itself), exported on first use
-        into the same content-addressed folder. A runtime's artifact may be several files: they are
-        written to a temp folder and moved in with the named file last, so it exists only complete."""
+    @property
+    def folder(self) -> Path:
+        return self.weights.parent
+
+    def artifact(self, runtime: str, model: nn.Module | None = None) -> Path:
+        """The main file ``runtime`` runs from, exported on first use (FP32; a derived model's artifact
+        exists from its creation). A runtime's artifact may be several files: they are written to a temp
+        folder and moved in with the main file last, so it exists only complete."""
         rt = get_runtime(runtime)
-        if rt.artifact_name is None:
-            return None
-        folder = self.onnx.parent
+        if self.runtime is not None and runtime != self.runtime:
+            raise ValueError(f"{self.precision} model {self.digest[:12]} was built for {self.runtime}, not {runtime}")
+        folder = (self.folder if self.precision == "fp32"
+                  else derived_folder(self.folder, runtime, self.precision, self.digest))
         target = folder / rt.artifact_name
         if not target.exists():
-            with tempfile.TemporaryDirectory(dir=folder, prefix=TMP_MARK) as tmp:
-                rt.export(model, self.input_shape, Path(tmp))
-                for path in sorted(Path(tmp).iterdir(), key=lambda p: p.name == rt.artifact_name):
-                    os.replace(path, folder / path.name)
+            if model is None or self.precision != "fp32":
+                raise FileNotFoundError(f"{target} is missing")
+            write_artifact(folder, rt.artifact_name, lambda tmp: rt.export(model, self.input_shape, tmp))
         return target
+
+    def files(self, runtime: str, model: nn.Module | None = None) -> list[Path]:
+        """Every file of ``runtime``'s artifact."""
+        return get_runtime(runtime).artifact_files(self.artifact(runtime, model))
+
+
+def derived_folder(parent_folder: Path, runtime: str, precision: str, digest: str) -> Path:
+    return parent_folder / f"{precision}-{runtime}-{digest[:12]}"
+
+
+def write_artifact(folder: Path, main: str, build) -> Path:
+    """Run ``build(tmp)`` in a temp folder beside ``folder`` and move its files in, ``main`` last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=TMP_MARK) as tmp:
+        build(Path(tmp))
+        for path in sorted(Path(tmp).iterdir(), key=lambda p: p.name == main):
+            os.replace(path, folder / path.name)
+    return folder / main
 
 
 @dataclass
 class MeasuredCandidate:
     """One candidate as it travels from profiling to selection, release and report: the model, its
     exported files, the devices it was offered to and its measured stats per device (a device that
-    could not measure it has no entry)."""
+    could not measure it has no entry). A derived (FP16/INT8) member has ``parent`` set and its own
+    measured ``val_acc`` in ``candidate.metrics``."""
 
     candidate: Candidate
     export: ExportedModel
     offered_to: tuple[str, ...]
     stats: dict[str, LatencyStats] = field(default_factory=dict)
+    parent: str | None = None
 
     @property
     def name(self) -> str:
         return self.candidate.name
+
+    @property
+    def precision(self) -> str:
+        return self.export.precision
 
 
 def export_candidate(ctx: RunContext, candidate: Candidate) -> ExportedModel:
@@ -94,9 +125,12 @@ def export_candidate(ctx: RunContext, candidate: Candidate) -> ExportedModel:
     return ExportedModel(digest, onnx_path, weights_path, candidate.input_shape)
 
 
+MEASUREMENT_VERSION = 2  # bump when what a measurement means changes (2: peak memory really measured)
+
+
 def _measurement_key(digest: str, device: DeviceProfile) -> str:
-    settings = device.model_dump(mode="json", exclude={"latency_budget_ms", "memory_budget_mb", "work_pool"})
-    return f"{digest}|{json.dumps(settings, sort_keys=True)}"
+    settings = device.model_dump(mode="json", exclude={"latency_budget_ms", "memory_budget_mb", "work_pool", "precisions"})
+    return f"{digest}|{json.dumps({**settings, 'measurement': MEASUREMENT_VERSION}, sort_keys=True)}"
 
 
 class LatencyCache:
@@ -138,23 +172,33 @@ def profile_candidates(ctx: RunContext, offers: dict[str, list[Candidate]], devi
     waiting at most ``remote_timeout_s`` (config ``devices.remote_timeout_s``). An unreachable or
     failing remote device measures nothing (its candidates have no stats for it).
     """
-    cache = LatencyCache(ctx.cache_path / "latency.json")
     pool = [MeasuredCandidate(cand, export_candidate(ctx, cand), names) for cand, names in gather_offers(devices, offers)]
+    measure_pool(ctx, pool, devices, remote_timeout_s)
+    return pool
+
+
+def measure_pool(ctx: RunContext, pool: list[MeasuredCandidate], devices: list[DeviceProfile],
+                 remote_timeout_s: float) -> None:
+    """Fill each member's stats on every device it was offered to: local devices here, one after
+    another; work-pool devices afterwards, all at once. Cached measurements are reused."""
+    cache = LatencyCache(ctx.cache_path / "latency.json")
     for device in devices:
         if device.work_pool:
             continue
         offered = [m for m in pool if device.name in m.offered_to]
+        runtime = get_runtime(device.runtime)
         for member in offered:
             key = _measurement_key(member.export.digest, device)
             measured = cache.get(key)
             if measured is None:
-                measured = measure(member.candidate.model, member.export.input_shape, device,
-                                   artifact=member.export.artifact(device.runtime, member.candidate.model))
+                in_process = runtime.runs_module and member.precision == "fp32"  # torch: the module itself
+                artifact = None if in_process else member.export.artifact(device.runtime, member.candidate.model)
+                measured = measure(member.candidate.model, member.export.input_shape, device, artifact=artifact,
+                                   precision=member.precision)
                 cache.put(key, measured)
             member.stats[device.name] = measured
         log.info("profiled %d candidates on %s", len(offered), device.name)
     profile_remote_devices(ctx, [d for d in devices if d.work_pool], pool, cache, remote_timeout_s)
-    return pool
 
 
 def profile_remote_devices(ctx: RunContext, devices: list[DeviceProfile], pool: list[MeasuredCandidate],
@@ -166,7 +210,7 @@ def profile_remote_devices(ctx: RunContext, devices: list[DeviceProfile], pool: 
         return
     with ThreadPoolExecutor(max_workers=len(devices), thread_name_prefix="profile-remote") as pool_runner:
         futures = {device.name: pool_runner.submit(contextvars.copy_context().run, profile_remote, ctx, device,
-                                                   {m.name: m.export for m in pool if device.name in m.offered_to},
+                                                   {m.name: m for m in pool if device.name in m.offered_to},
                                                    cache, timeout_s)
                    for device in devices}
     by_name = {m.name: m for m in pool}
@@ -188,20 +232,23 @@ def profiler_deployment(work_pool: str) -> str:
     return f"profile/{work_pool}"
 
 
-def upload_exports(store, exports: dict[str, ExportedModel]) -> list[dict]:
-    """Put each export under ``profiling/<digest>/`` (content-addressed: skipped when present).
-
-    Returns the JSON model list the ``profile`` flow expects.
-    """
+def upload_exports(store, members: dict[str, MeasuredCandidate], runtime: str) -> list[dict]:
+    """Put each member's ``runtime`` artifact under ``profiling/<digest>/`` (content-addressed: skipped
+    when present). Returns the JSON model list the ``profile`` flow expects: per model its files with
+    their sha256, the main file and the precision."""
     models = []
-    for name, exported in exports.items():
-        prefix = f"profiling/{exported.digest[:24]}"
-        onnx_key, weights_key = f"{prefix}/model.onnx", f"{prefix}/weights.safetensors"
-        for key, path in ((onnx_key, exported.onnx), (weights_key, exported.weights)):
+    for name, member in members.items():
+        exported = member.export
+        prefix = f"profiling/{exported.digest[:24]}/{runtime}"
+        paths = exported.files(runtime, member.candidate.model)
+        files = []
+        for path in paths:
+            key = f"{prefix}/{path.name}"
             if not store.exists(key):
                 store.put_file(key, path)
-        models.append({"name": name, "onnx": onnx_key, "weights": weights_key,
-                       "onnx_sha256": sha256_file(exported.onnx), "input_shape": list(exported.input_shape)})
+            files.append({"key": key, "name": path.name, "sha256": sha256_file(path)})
+        models.append({"name": name, "runtime": runtime, "main": paths[0].name, "files": files,
+                       "precision": exported.precision, "input_shape": list(exported.input_shape)})
     return models
 
 
@@ -217,9 +264,10 @@ def _cancel(flow_run_id) -> None:
         log.warning("could not cancel profile run %s: %s", flow_run_id, exc)
 
 
-def profile_remote(ctx: RunContext, device: DeviceProfile, exports: dict[str, ExportedModel],
+def profile_remote(ctx: RunContext, device: DeviceProfile, members: dict[str, MeasuredCandidate],
                    cache: LatencyCache, timeout_s: float) -> dict[str, LatencyStats] | None:
-    """Measure ``exports`` on ``device`` through its work pool; None (and a warning) when it cannot.
+    """Measure ``members`` on ``device`` through its work pool (each as its runtime's own artifact);
+    None (and a warning) when it cannot.
 
     Cached measurements are reused; only the rest travel. Stats from the device are cached like
     local ones (same key: model digest + device settings).
@@ -229,11 +277,11 @@ def profile_remote(ctx: RunContext, device: DeviceProfile, exports: dict[str, Ex
     from podium.errors import StoreError
 
     result: dict[str, LatencyStats] = {}
-    missing: dict[str, ExportedModel] = {}
-    for name, exported in exports.items():
-        cached = cache.get(_measurement_key(exported.digest, device))
+    missing: dict[str, MeasuredCandidate] = {}
+    for name, member in members.items():
+        cached = cache.get(_measurement_key(member.export.digest, device))
         if cached is None:
-            missing[name] = exported
+            missing[name] = member
         else:
             result[name] = cached
     if not missing:
@@ -244,7 +292,7 @@ def profile_remote(ctx: RunContext, device: DeviceProfile, exports: dict[str, Ex
     result_key = f"profiling/results/{device.name}-{uuid.uuid4().hex}.json"
     try:
         store = ctx.open_store()
-        parameters = {"device": device.model_dump(mode="json"), "models": upload_exports(store, missing),
+        parameters = {"device": device.model_dump(mode="json"), "models": upload_exports(store, missing, device.runtime),
                       "store_uri": uri, "store_endpoint_url": endpoint, "result_key": result_key}
         flow_run = run_deployment(name=deployment, parameters=parameters, timeout=timeout_s,
                                   poll_interval=min(REMOTE_POLL_S, timeout_s),
@@ -268,9 +316,9 @@ def profile_remote(ctx: RunContext, device: DeviceProfile, exports: dict[str, Ex
     try:
         answer = json.loads(store.get_bytes(result_key))
         store.delete(result_key)
-        for name, exported in missing.items():
+        for name, member in missing.items():
             stats = LatencyStats(**answer[name])
-            cache.put(_measurement_key(exported.digest, device), stats)
+            cache.put(_measurement_key(member.export.digest, device), stats)
             result[name] = stats
     except (StoreError, KeyError, TypeError, ValueError) as exc:
         log.warning("device %s (work pool %s) unprofiled: bad answer from run %s: %s",

@@ -21,7 +21,7 @@ from podium.errors import first_line
 from podium.methods.data import DataBundle
 from podium.methods.export import with_metadata
 from podium.methods.profiling import DeviceProfile, LatencyStats
-from podium.methods.runtimes import get_runtime
+from podium.methods.runtimes import available_runtimes, get_runtime
 from podium.registry import promotion
 from podium.registry.mlflow_registry import model_files
 from podium.tasks.common import TRANSIENT_RETRIES, DatasetRef, RunContext, load_data
@@ -53,7 +53,8 @@ def select_winner(pool: list[MeasuredCandidate], device: DeviceProfile) -> Measu
 
 
 def _champion_accuracy_on(ctx: RunContext, version, data: DataBundle) -> float | None:
-    """Re-evaluate a champion's ONNX model on this run's validation split (data hash changed)."""
+    """Re-evaluate a champion on this run's validation split (data hash changed): its own runtime's
+    artifact in its precision where that runtime is here, else its ONNX graph with ONNX Runtime."""
     try:
         with tempfile.TemporaryDirectory() as tmp:
             files = model_files(ctx.registry.download_version(ctx.cfg.model_name, version.version, Path(tmp)))
@@ -65,8 +66,12 @@ def _champion_accuracy_on(ctx: RunContext, version, data: DataBundle) -> float |
             scale = torch.tensor(spec.std).view(1, -1, 1, 1) / torch.tensor(theirs["std"]).view(1, -1, 1, 1)
             shift = (torch.tensor(spec.mean) - torch.tensor(theirs["mean"])).view(1, -1, 1, 1) / torch.tensor(
                 theirs["std"]).view(1, -1, 1, 1)
+            artifact = meta.get("artifact") or {}
+            runtime, main = artifact.get("runtime", "onnxruntime"), artifact.get("main", "model.onnx")
+            if runtime not in available_runtimes() or main not in files:
+                runtime, main = "onnxruntime", "model.onnx"
             correct = total = 0
-            with get_runtime("onnxruntime").open(files["model.onnx"], threads=1) as session:
+            with get_runtime(runtime).open(files[main], threads=1) as session:
                 for images, labels in data.eval_loader("val", size):
                     logits = session.predict((images * scale + shift).numpy())
                     correct += int((np.argmax(logits, axis=1) == labels.numpy()).sum())
@@ -77,12 +82,24 @@ def _champion_accuracy_on(ctx: RunContext, version, data: DataBundle) -> float |
         return None
 
 
+def runtime_files(winner: MeasuredCandidate, device: DeviceProfile) -> list[Path]:
+    """The device runtime's own artifact files that ship beside ``model.onnx`` (none when the
+    runtime runs the ONNX graph itself)."""
+    files = winner.export.files(device.runtime, winner.candidate.model)
+    return [] if files == [winner.export.onnx] else files
+
+
 def _metadata(ctx: RunContext, ref: DatasetRef, data: DataBundle, winner: MeasuredCandidate,
-              device: DeviceProfile, stats: LatencyStats) -> dict:
+              device: DeviceProfile, stats: LatencyStats, shipped: list[Path]) -> dict:
     spec, cand = data.input_spec, winner.candidate
+    main = shipped[0].name if shipped else "model.onnx"
     return {
         "model": ctx.cfg.model_name, "device": device.name, "candidate": cand.name, "method": cand.method,
         "config": cand.config, "input_size": list(cand.input_size),
+        # what the device runs: its runtime's artifact (``main``) in this precision; model.onnx is that
+        # same graph for ONNX runtimes, else the FP32 graph it was built from
+        "artifact": {"runtime": device.runtime, "precision": winner.precision, "main": main,
+                     "files": [p.name for p in shipped], "parent": winner.parent},
         "input_spec": {"channels": spec.channels, "height": cand.input_size[0], "width": cand.input_size[1],
                        "mean": list(spec.mean), "std": list(spec.std), "pixel_scale": "[0, 1] then (x - mean) / std",
                        "class_names": data.class_names},
@@ -99,7 +116,9 @@ def onnx_properties(metadata: dict) -> dict[str, str]:
     return {"podium.preprocessing": json.dumps(metadata["preprocessing"]),
             "podium.class_names": json.dumps(metadata["input_spec"]["class_names"]),
             "podium.model": str(metadata["model"]), "podium.device": str(metadata["device"]),
-            "podium.candidate": str(metadata["candidate"])}
+            "podium.candidate": str(metadata["candidate"]),
+            "podium.precision": str(metadata["artifact"]["precision"]) if metadata["artifact"]["main"] == "model.onnx"
+            else "fp32"}
 
 
 # cache_policy=NO_CACHE: never reused across runs, and Prefect's default policy would hash every input
@@ -122,12 +141,15 @@ def promote_and_publish(ctx: RunContext, ref: DatasetRef, device: DeviceProfile,
         champion_acc = _champion_accuracy_on(ctx, champion, data)
     decision = promotion.decide_promotion(cand.metrics["val_acc"], champion, ref.data_hash, champion_acc)
 
-    metadata = _metadata(ctx, ref, data, winner, device, stats)
+    shipped = runtime_files(winner, device)
+    metadata = _metadata(ctx, ref, data, winner, device, stats, shipped)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = with_metadata(exported.onnx, Path(tmp) / "model.onnx", onnx_properties(metadata))
         example = next(iter(data.eval_loader("val", cand.input_size, limit=2)))[0].numpy()
-        uri = registry.log_model(ctx.run_id, f"winner-{device.name}", onnx_path, exported.weights, metadata, example)
-    tags = {"device": device.name, "method": cand.method, "candidate": cand.name,
+        uri = registry.log_model(ctx.run_id, f"winner-{device.name}", onnx_path, exported.weights, metadata, example,
+                                 extra_files=shipped)
+    tags = {"device": device.name, "method": cand.method, "candidate": cand.name, "runtime": device.runtime,
+            "precision": winner.precision,
             "config": json.dumps(cand.config, default=str)[:5000], "val_acc": f"{cand.metrics['val_acc']:.6f}",
             "p50_ms": f"{stats.p50_ms:.4f}", "flops": cand.metrics.get("flops"), "params": cand.metrics.get("params"),
             "acts": cand.metrics.get("acts"), "data_hash": ref.data_hash, "git_sha": ctx.git_sha,

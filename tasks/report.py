@@ -35,9 +35,11 @@ def device_rows(pool: list[MeasuredCandidate], device: DeviceProfile, outcome: O
             continue
         cand, s = member.candidate, member.stats.get(device.name)
         rows.append({
-            "candidate": cand.name, "method": cand.method, "val_acc": cand.metrics["val_acc"],
-            "flops": cand.metrics.get("flops"), "p50_ms": s.p50_ms if s else None,
-            "budget_ms": device.latency_budget_ms,
+            "candidate": cand.name, "method": cand.method, "precision": member.precision, "parent": member.parent,
+            "val_acc": cand.metrics["val_acc"], "flops": cand.metrics.get("flops"),
+            "p50_ms": s.p50_ms if s else None, "p90_ms": s.p90_ms if s else None,
+            "peak_mem_mb": s.peak_mem_mb if s else None, "budget_ms": device.latency_budget_ms,
+            "mem_budget_mb": device.memory_budget_mb, "runtime": device.runtime,
             "train_images": cand.metrics.get("train_images"), "train_device_s": cand.metrics.get("train_device_s"),
             "winner": bool(outcome and outcome.winner == cand.name),
             "alias": (f"{device.name} -> v{outcome.version}" if outcome and outcome.winner == cand.name
@@ -46,21 +48,55 @@ def device_rows(pool: list[MeasuredCandidate], device: DeviceProfile, outcome: O
     return sorted(rows, key=lambda r: (r["p50_ms"] is None, r["p50_ms"] or 0))
 
 
+def _within(row: dict) -> bool:
+    return row["p50_ms"] is not None and row["p50_ms"] <= row["budget_ms"] and row["peak_mem_mb"] <= row["mem_budget_mb"]
+
+
 def format_table(device: DeviceProfile, rows: list[dict], outcome: Outcome | None) -> str:
-    header = f"{'candidate':<46} {'method':<12} {'val_acc':>7} {'p50 ms':>8} {'budget':>7}  winner"
-    lines = [f"== {device.name} ({device.runtime}, {device.threads} thread(s), batch {device.batch_size}) ==",
-             header, "-" * len(header)]
+    header = (f"{'candidate':<46} {'method':<12} {'prec':<5} {'val_acc':>7} {'p50 ms':>8} {'p90 ms':>8} "
+              f"{'peak MB':>8} {'budget':>7}  winner")
+    lines = [f"== {device.name} ({device.runtime}, {device.threads} thread(s), batch {device.batch_size}, "
+             f"{'/'.join(device.precisions)}, {device.memory_budget_mb:g} MB) ==", header, "-" * len(header)]
     for r in rows:
-        p50 = f"{r['p50_ms']:.3f}" if r["p50_ms"] is not None else "n/a"
-        mark = "*" if r["winner"] else ("" if r["p50_ms"] is not None and r["p50_ms"] <= r["budget_ms"] else "over")
-        lines.append(f"{r['candidate'][:46]:<46} {r['method']:<12} {r['val_acc']:>7.4f} {p50:>8} "
-                     f"{r['budget_ms']:>7.3g}  {mark}")
+        p50, p90, mem = ((f"{r[k]:.3f}" if k != "peak_mem_mb" else f"{r[k]:.1f}") if r[k] is not None else "n/a"
+                         for k in ("p50_ms", "p90_ms", "peak_mem_mb"))
+        mark = "*" if r["winner"] else ("" if _within(r) else "over")
+        lines.append(f"{r['candidate'][:46]:<46} {r['method']:<12} {r['precision']:<5} {r['val_acc']:>7.4f} {p50:>8} "
+                     f"{p90:>8} {mem:>8} {r['budget_ms']:>7.3g}  {mark}")
+    lines += precision_lines(rows)
     if outcome is not None:
         alias = f"alias {device.name} -> v{outcome.version}" if outcome.alias_moved else "alias unchanged"
         won = next((r for r in rows if r["winner"]), None)
         lines.append(f"winner: {outcome.winner or 'none'} ({alias}; {outcome.reason})"
                      + (f"; cost: {training_cost(won)}" if won else ""))
     return "\n".join(lines)
+
+
+def precision_summary(rows: list[dict]) -> list[dict]:
+    """Per method and derived precision on one device: mean speed-up over the FP32 parent, mean
+    accuracy change (points), and the best accuracy within budget with and without that precision."""
+    by_name = {r["candidate"]: r for r in rows}
+    out = []
+    for method, precision in sorted({(r["method"], r["precision"]) for r in rows if r["parent"]}):
+        pairs = [(r, by_name[r["parent"]]) for r in rows if r["method"] == method and r["precision"] == precision
+                 and r["parent"] in by_name and r["p50_ms"] and by_name[r["parent"]]["p50_ms"]]
+        if not pairs:
+            continue
+        fp32 = [r for r in rows if r["method"] == method and r["precision"] == "fp32" and _within(r)]
+        both = fp32 + [r for r, _ in pairs if _within(r)]
+        out.append({"method": method, "precision": precision, "models": len(pairs),
+                    "speedup": sum(p["p50_ms"] / r["p50_ms"] for r, p in pairs) / len(pairs),
+                    "acc_change_pts": 100 * sum(r["val_acc"] - p["val_acc"] for r, p in pairs) / len(pairs),
+                    "best_fp32": max((r["val_acc"] for r in fp32), default=None),
+                    "best_with": max((r["val_acc"] for r in both), default=None)})
+    return out
+
+
+def precision_lines(rows: list[dict]) -> list[str]:
+    fmt = lambda v: f"{v:.4f}" if v is not None else "none"  # noqa: E731
+    return [f"{s['precision']} for {s['method']}: {s['speedup']:.2f}x faster, {s['acc_change_pts']:+.2f} pts "
+            f"over {s['models']} model(s); best within budget {fmt(s['best_fp32'])} fp32 -> {fmt(s['best_with'])}"
+            for s in precision_summary(rows)]
 
 
 def training_cost(row: dict) -> str:
@@ -99,14 +135,15 @@ def _device_plot(ctx: RunContext, device: DeviceProfile, rows: list[dict], path:
 
 
 def winners_markdown(outcomes: list[Outcome], tables: dict[str, list[dict]]) -> str:
-    lines = ["| device | winner | method | val_acc | p50 ms | budget ms | training cost | version | alias |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| device | winner | method | runtime | precision | val_acc | p50 ms | peak MB | budget ms | training cost "
+             "| version | alias |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for o in outcomes:
         row = next((r for r in tables.get(o.device, []) if r["winner"]), None)
         if row is None:
-            lines.append(f"| {o.device} | none | | | | | | | {o.reason} |")
+            lines.append(f"| {o.device} | none | | | | | | | | | | {o.reason} |")
             continue
-        lines.append(f"| {o.device} | {o.winner} | {row['method']} | {row['val_acc']:.4f} | {row['p50_ms']:.3f} | "
+        lines.append(f"| {o.device} | {o.winner} | {row['method']} | {row['runtime']} | {row['precision']} | "
+                     f"{row['val_acc']:.4f} | {row['p50_ms']:.3f} | {row['peak_mem_mb']:.1f} | "
                      f"{row['budget_ms']:.3g} | {training_cost(row)} | v{o.version} | {'moved' if o.alias_moved else 'kept'}: {o.reason} |")
     return "\n".join(lines)
 
@@ -161,6 +198,8 @@ def write_report(ctx: RunContext, devices: list[DeviceProfile], pool: list[Measu
                 plot = _device_plot(ctx, device, rows, Path(tmp) / f"{device.name}.png")
                 ctx.registry.log_artifact(ctx.run_id, plot, "report")
             ctx.registry.log_dict(ctx.run_id, rows, f"report/{device.name}.json")
+            if precisions := precision_summary(rows):
+                ctx.registry.log_dict(ctx.run_id, precisions, f"report/{device.name}_precisions.json")
             _log_runtime_correlation(ctx, device, pool, Path(tmp))
         _log_method_tables(ctx, spaces or {}, Path(tmp))
         summary = winners_markdown(outcomes, tables)

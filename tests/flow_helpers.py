@@ -66,14 +66,15 @@ def write_config(services: dict, path: Path, **overrides: Any) -> Path:
         {"name": "cpu-1t", "runtime": "torch", "threads": 1, "batch_size": 1, "latency_budget_ms": 1000,
          "warmup": 1, "min_repeats": 5, "max_repeats": 10},
         {"name": "cpu-onnx", "runtime": "onnxruntime", "threads": 1, "batch_size": 4, "latency_budget_ms": 1000,
-         "warmup": 1, "min_repeats": 5, "max_repeats": 10},
+         "warmup": 1, "min_repeats": 5, "max_repeats": 10, "precisions": ["fp32", "int8"]},
     ]}))
     raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     raw.update({
         "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "artifact_root": str(root / "mlartifacts"),
                      "experiment": "it"},
         "store": {"uri": f"s3://{BUCKET}/models", "endpoint_url": services["endpoint"]},
-        "devices": {"inventory": str(devices), "use": ["cpu-1t", "cpu-onnx"]},
+        "devices": {"inventory": str(devices), "use": ["cpu-1t", "cpu-onnx"],
+                    "quantize": {"per_method": 1, "calibration_images": 64}},
         "runtime": {"cache_dir": str(root / "cache"), "max_workers": 2},
         "methods": METHODS,
     })

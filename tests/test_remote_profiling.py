@@ -16,7 +16,6 @@ from torch import nn
 
 from podium.config import AnchorConfig, PodiumConfig, RuntimeConfig, StoreConfig
 from podium.methods.base import Candidate
-from podium.methods.export import export_onnx
 from podium.methods.profiling import DeviceProfile
 from podium.registry.stores import open_store
 from podium.tasks.common import RunContext
@@ -93,7 +92,7 @@ def test_remote_device_is_profiled_through_its_work_pool(prefect_api, tmp_path: 
     store = open_store(tmp_path / "store")
     keys = store.list("profiling/")
     for name in ("narrow", "wide"):
-        assert f"profiling/{exports[name].digest[:24]}/model.onnx" in keys
+        assert f"profiling/{exports[name].digest[:24]}/onnxruntime/model.onnx" in keys
     assert not [k for k in keys if k.startswith("profiling/results/")]
     # cached like local measurements: a second call answers without asking the device
     cache = json.loads((ctx.cache_path / "latency.json").read_text())
@@ -132,16 +131,26 @@ def test_silent_pool_times_out_unprofiled_while_local_device_is_measured(prefect
     assert LatencyCache(ctx.cache_path / "latency.json").entries  # the local measurement is cached
 
 
-def test_torch_device_is_measured_on_the_onnx_graph_and_labelled_so(tmp_path: Path) -> None:
-    """The device-side function, no server: a torch device gets ONNX Runtime stats, honestly labelled."""
+@pytest.mark.parametrize("runtime", ["torch", "openvino"])
+def test_a_remote_device_measures_its_own_runtimes_artifact(tmp_path: Path, runtime: str) -> None:
+    """The device-side function, no server: a torch device measures the ``model.pt2`` program, an OpenVINO
+    device the IR pair, each labelled with its own runtime; a file whose sha256 differs is refused."""
     from podium.flows.device_profile import ProfileRequestError, measure_models
+    from podium.files import sha256_file
+    from podium.methods.runtimes import get_runtime
 
     store = open_store(tmp_path / "store")
-    onnx = export_onnx(Tiny(4).eval(), (1, 8, 8), tmp_path / "m.onnx")
-    store.put_file("profiling/x/model.onnx", onnx)
-    device = DeviceProfile(name="remote-torch", runtime="torch", threads=1, batch_size=1, work_pool="p", **FAST)
-    out = measure_models(device, [{"name": "m", "onnx": "profiling/x/model.onnx", "input_shape": [1, 8, 8]}], store)
-    assert out["m"]["runtime"] == "onnxruntime" and out["m"]["runs"] >= 3
+    rt = get_runtime(runtime)
+    files = []
+    for path in rt.artifact_files(rt.export(Tiny(4).eval(), (1, 8, 8), tmp_path / "export")):
+        store.put_file(f"profiling/x/{path.name}", path)
+        files.append({"key": f"profiling/x/{path.name}", "name": path.name, "sha256": sha256_file(path)})
+    device = DeviceProfile(name=f"remote-{runtime}", runtime=runtime, threads=1, batch_size=1, work_pool="p", **FAST)
+    model = {"name": "m", "runtime": runtime, "main": rt.artifact_name, "files": files, "input_shape": [1, 8, 8]}
+    out = measure_models(device, [model], store)
+    assert out["m"]["runtime"] == runtime and out["m"]["runs"] >= 3 and out["m"]["peak_mem_mb"] > 0
+    tampered = {**model, "files": [{**files[0], "sha256": "0" * 64}, *files[1:]]}
     with pytest.raises(ProfileRequestError, match="sha256"):
-        measure_models(device, [{"name": "m", "onnx": "profiling/x/model.onnx", "onnx_sha256": "0" * 64,
-                                 "input_shape": [1, 8, 8]}], store)
+        measure_models(device, [tampered], store)
+    with pytest.raises(ProfileRequestError, match="is a onnxruntime artifact"):
+        measure_models(device, [{**model, "runtime": "onnxruntime"}], store)

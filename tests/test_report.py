@@ -34,16 +34,38 @@ def test_device_plot_is_reused_only_for_the_same_drawing(tmp_path: Path, monkeyp
     assert len(drawn) == 4
 
 
+def _row(**fields) -> dict:
+    return {"precision": "fp32", "parent": None, "p90_ms": fields.get("p50_ms"), "peak_mem_mb": 10.0,
+            "mem_budget_mb": 100.0, "runtime": "onnxruntime", "flops": 1.0, "budget_ms": 2.0, "train_images": None,
+            "train_device_s": None, "winner": False, "alias": "", **fields}
+
+
 def test_the_winner_is_shown_with_what_it_cost_to_get_it() -> None:
     from podium.tasks.release import Outcome
 
     device = DeviceProfile(name="cpu", latency_budget_ms=2.0)
-    rows = [{"candidate": "sd-exit4", "method": "self_distill", "val_acc": 0.97, "flops": 1.0, "p50_ms": 1.0,
-             "budget_ms": 2.0, "train_images": 45_250.0, "train_device_s": 61.4, "winner": True, "alias": ""},
-            {"candidate": "anchor-a", "method": "anchor", "val_acc": 0.9, "flops": 2.0, "p50_ms": 1.5,
-             "budget_ms": 2.0, "train_images": None, "train_device_s": None, "winner": False, "alias": ""}]
+    rows = [_row(candidate="sd-exit4", method="self_distill", val_acc=0.97, p50_ms=1.0, train_images=45_250.0,
+                 train_device_s=61.4, winner=True),
+            _row(candidate="anchor-a", method="anchor", val_acc=0.9, flops=2.0, p50_ms=1.5)]
     outcome = Outcome(device="cpu", winner="sd-exit4", version="3", alias_moved=True, reason="beats the champion")
     assert "cost: 45.2k images, 61 device-s" in report.format_table(device, rows, outcome)
     table = report.winners_markdown([outcome], {"cpu": rows})
-    assert "| 45.2k images, 61 device-s | v3 |" in table
+    assert "| 45.2k images, 61 device-s | v3 |" in table and "| onnxruntime | fp32 |" in table
     assert report.training_cost(rows[1]).startswith("anchor")
+
+
+def test_the_report_says_what_int8_gained_or_cost_each_method() -> None:
+    """INT8 of a model over budget in FP32 brings it within budget: the summary shows the speed-up, the
+    accuracy change against its own parent, and the best accuracy within budget with and without INT8."""
+    rows = [_row(candidate="big", method="scaling", val_acc=0.95, p50_ms=3.0),
+            _row(candidate="small", method="scaling", val_acc=0.90, p50_ms=1.0),
+            _row(candidate="big@int8-onnxruntime", method="scaling", precision="int8", parent="big", val_acc=0.94,
+                 p50_ms=1.5),
+            _row(candidate="small@int8-onnxruntime", method="scaling", precision="int8", parent="small",
+                 val_acc=0.90, p50_ms=0.5)]
+    (summary,) = report.precision_summary(rows)
+    assert summary["models"] == 2 and abs(summary["speedup"] - 2.0) < 1e-9
+    assert abs(summary["acc_change_pts"] - (-0.5)) < 1e-9
+    assert summary["best_fp32"] == 0.90 and summary["best_with"] == 0.94
+    line = report.format_table(DeviceProfile(name="cpu", latency_budget_ms=2.0), rows, None).splitlines()[-1]
+    assert line == "int8 for scaling: 2.00x faster, -0.50 pts over 2 model(s); best within budget 0.9000 fp32 -> 0.9400"

@@ -56,17 +56,38 @@ def test_every_device_gets_a_promoted_published_winner(first_run, services):
         assert f" {method} " in result.report, method
 
 
-def test_fetched_winner_runs_in_onnxruntime_and_matches_pytorch(first_run, services, tmp_path):
+def test_fetched_winner_runs_in_its_runtime_and_matches_pytorch(first_run, services, tmp_path):
+    """Each release carries its device runtime's own artifact (``model.pt2`` for torch) next to the ONNX
+    graph, and the manifest says which file to run with what; FP32 artifacts compute the winner's
+    logits, an INT8 winner is a quantised graph whose accuracy was measured, not copied."""
+    from podium.methods.runtimes import get_runtime
+
     result, _ = first_run
     store = open_store(f"s3://{BUCKET}/models", services["endpoint"])
+    assert "int8" in result.report and "@int8-onnxruntime" in result.report  # derived candidates raced
     for device, winner in result.winners.items():
         dest = tmp_path / device
         manifest = fetch_release(store, "digits-classifier", device, dest)
-        assert {f["name"] for f in manifest["files"]} >= {"model.onnx", "weights.safetensors", "metadata.json"}
+        artifact = manifest["artifact"]
+        names = {f["name"] for f in manifest["files"]}
+        assert names >= {"model.onnx", "weights.safetensors", "metadata.json", *artifact["files"]}
+        assert artifact["runtime"] == {"cpu-1t": "torch", "cpu-onnx": "onnxruntime"}[device]
+        if device == "cpu-1t":
+            assert artifact["main"] == "model.pt2" and artifact["files"] == ["model.pt2"]
         images = torch.randn(3, 1, *winner.input_size)
-        with torch.no_grad():
-            expected = winner.model.eval()(images).numpy()
-        np.testing.assert_allclose(onnx_logits(dest / "model.onnx", images.numpy()), expected, atol=1e-4)
+        with get_runtime(artifact["runtime"]).open(dest / artifact["main"], threads=1) as session:
+            got = session.predict(images.numpy())
+        if artifact["precision"] == "fp32":
+            with torch.no_grad():
+                expected = winner.model.eval()(images).numpy()
+            np.testing.assert_allclose(got, expected, atol=1e-4)
+            np.testing.assert_allclose(onnx_logits(dest / "model.onnx", images.numpy()), expected, atol=1e-4)
+        else:
+            import onnx
+
+            graph = onnx.load(str(dest / "model.onnx")).graph
+            assert any(n.op_type == "QuantizeLinear" for n in graph.node) and "fp32_val_acc" in winner.metrics
+            assert got.shape == (3, 10)
 
 
 def test_cli_fetch_through_s3(first_run, services, tmp_path):

@@ -42,7 +42,7 @@ class LatencyTable:
         """One layer configuration measured on the device's runtime, through the one profiler."""
         if spec not in self.table:
             module, shape = _module_for_spec(spec, self.cfg)
-            self.table[spec] = measure(module.eval(), shape, self.profile).p50_ms
+            self.table[spec] = measure(module.eval(), shape, self.profile, memory=False).p50_ms
         return self.table[spec]
 
     def table_sum(self, arch: Arch | dict[str, Any]) -> float:

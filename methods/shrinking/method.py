@@ -209,7 +209,7 @@ class ShrinkSpace(CandidateSpace):
     def measure_arch(self, arch: Arch, device: DeviceProfile, net: nn.Module | None = None) -> LatencyStats:
         """Real latency of a whole extracted sub-network on the device's runtime."""
         net = net if net is not None else extract_subnet(self.supernet, arch).eval()
-        return measure(net, (self.supernet.in_chans, arch.resolution, arch.resolution), device)
+        return measure(net, (self.supernet.in_chans, arch.resolution, arch.resolution), device, memory=False)
 
     def search(self, device: DeviceProfile) -> list[SearchResult]:
         table = self.latency_table(device)
