@@ -53,10 +53,14 @@ class DeviceProfile(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _precisions_buildable(self) -> "DeviceProfile":
+    def _runtime_can_build(self) -> "DeviceProfile":
         if not self.precisions or len(set(self.precisions)) != len(self.precisions):
             raise ValueError(f"precisions {list(self.precisions)}: list each precision once, at least one")
-        supported = get_runtime(self.runtime).precisions
+        runtime = get_runtime(self.runtime)
+        if self.batch_size > runtime.max_batch:
+            raise ValueError(f"batch_size {self.batch_size}: runtime {self.runtime!r} takes batches of at most "
+                             f"{runtime.max_batch}")
+        supported = runtime.precisions
         unsupported = [p for p in self.precisions if p not in supported]
         if unsupported:
             raise ValueError(f"runtime {self.runtime!r} cannot build {', '.join(unsupported)} "

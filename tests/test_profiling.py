@@ -109,5 +109,7 @@ def test_a_device_lists_only_precisions_its_runtime_builds():
     assert DeviceProfile(name="q", runtime="onnxruntime", latency_budget_ms=1, precisions=("fp32", "int8")).precisions
     with pytest.raises(ValidationError, match="runtime 'torch' cannot build int8 \\(it supports fp32\\)"):
         DeviceProfile(name="t", runtime="torch", latency_budget_ms=1, precisions=("fp32", "int8"))
+    with pytest.raises(ValidationError, match="batch_size 2048: runtime 'executorch' takes batches of at most 1024"):
+        DeviceProfile(name="t", runtime="executorch", latency_budget_ms=1, batch_size=2048)
     with pytest.raises(ValidationError, match="list each precision once"):
         DeviceProfile(name="t", runtime="onnxruntime", latency_budget_ms=1, precisions=("int8", "int8"))

@@ -55,6 +55,7 @@ class Runtime(ABC):
     artifact_name: ClassVar[str]  # the file a session opens (a sibling file may belong to it: artifact_files)
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)  # what export() can build here
     runs_module: ClassVar[bool] = False  # a local session may open the nn.Module itself (no export needed)
+    max_batch: ClassVar[int] = 4096  # the largest batch its artifacts accept
 
     @abstractmethod
     def available(self) -> bool: ...

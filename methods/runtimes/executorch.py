@@ -147,6 +147,7 @@ class ExecuTorchRuntime(Runtime):
     name = "executorch"
     artifact_name = "model.pte"
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "int8")
+    max_batch = MAX_BATCH
 
     def available(self) -> bool:
         find = importlib.util.find_spec  # the C++ runtime's bindings, and the XNNPACK lowering
