@@ -47,7 +47,12 @@ def select_devices(inventory: dict[str, DeviceProfile], names: list[str], source
         raise DeviceError(f"{source}: unknown device {unknown[0]!r}; known devices: {', '.join(sorted(inventory))}")
     for name in names:  # a device measured here needs its runtime here (a work-pool device brings its own)
         device = inventory[name]
-        if not device.work_pool and not get_runtime(device.runtime).available():
+        if get_runtime(device.runtime).available():
+            continue
+        if not device.work_pool:
             raise DeviceError(f"{source}: device {name!r} uses runtime {device.runtime!r}, which is not installed "
                               f"here (available: {', '.join(available_runtimes())})")
+        if set(device.precisions) - {"fp32"}:  # derived models are built (and their accuracy measured) here
+            raise DeviceError(f"{source}: device {name!r} accepts {', '.join(device.precisions)}: its runtime "
+                              f"{device.runtime!r} builds them on this machine, which does not have it")
     return [inventory[n] for n in names]

@@ -25,6 +25,7 @@ from dataclasses import replace
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from podium.errors import first_line
 from podium.files import atomic_write_text
 from podium.methods.precision import artifact_accuracy, calibration_batches
 from podium.methods.profiling import DeviceProfile
@@ -109,10 +110,12 @@ def derive(ctx: RunContext, ref: DatasetRef, parent: MeasuredCandidate, runtime:
 def derive_precisions(ctx: RunContext, ref: DatasetRef, pool: list[MeasuredCandidate],
                       devices: list[DeviceProfile]) -> list[MeasuredCandidate]:
     """The derived members for every device's non-FP32 precisions, measured on each device that accepts
-    them (same runtime, precision listed). Returns only the new members."""
+    them (same runtime, precision listed). Returns only the new members. A model its runtime cannot
+    convert is left out with a warning: the FP32 race goes on."""
     qcfg = ctx.cfg.devices.quantize
     accuracies = AccuracyCache(ctx)
     derived: dict[str, MeasuredCandidate] = {}
+    failed: set[str] = set()
     for device in devices:
         extra = [p for p in device.precisions if p != "fp32"]
         if not extra:
@@ -120,10 +123,14 @@ def derive_precisions(ctx: RunContext, ref: DatasetRef, pool: list[MeasuredCandi
         for parent in quantisation_parents(pool, device, qcfg.per_method, qcfg.max_speedup):
             for precision in extra:
                 name = derived_name(parent.name, precision, device.runtime)
-                if name not in derived:
-                    derived[name] = derive(ctx, ref, parent, device.runtime, precision, accuracies)
-                member = derived[name]
-                member.offered_to = (*member.offered_to, device.name)
+                if name not in derived and name not in failed:
+                    try:
+                        derived[name] = derive(ctx, ref, parent, device.runtime, precision, accuracies)
+                    except Exception as exc:  # noqa: BLE001 - one model the runtime cannot convert leaves the race
+                        failed.add(name)
+                        log.warning("%s: not built (%s: %s)", name, type(exc).__name__, first_line(exc)[:200])
+                if name in derived:
+                    derived[name].offered_to = (*derived[name].offered_to, device.name)
     members = list(derived.values())
     measure_pool(ctx, members, devices, ctx.cfg.devices.remote_timeout_s)
     return members

@@ -93,5 +93,10 @@ def test_a_device_whose_runtime_is_not_installed_fails_at_config_time(monkeypatc
     with pytest.raises(DeviceError, match=r"^cfg.yaml: device 'cpu-1t-openvino' uses runtime 'openvino', which is "
                                           r"not installed here \(available: torch, (?!.*openvino).*onnxruntime\)$"):
         select_devices(inventory, ["cpu-1t", "cpu-1t-openvino"], "cfg.yaml")
-    remote = {"edge": inventory["cpu-1t-openvino"].model_copy(update={"name": "edge", "work_pool": "edge-pool"})}
+    remote = {"edge": inventory["cpu-1t-openvino"].model_copy(update={"name": "edge", "work_pool": "edge-pool",
+                                                                      "precisions": ("fp32",)})}
     assert select_devices(remote, ["edge"], "cfg.yaml")[0].work_pool == "edge-pool"
+    int8 = {"edge": remote["edge"].model_copy(update={"precisions": ("fp32", "int8")})}
+    with pytest.raises(DeviceError, match=r"^cfg.yaml: device 'edge' accepts fp32, int8: its runtime 'openvino' "
+                                          r"builds them on this machine, which does not have it$"):
+        select_devices(int8, ["edge"], "cfg.yaml")

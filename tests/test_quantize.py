@@ -102,3 +102,23 @@ def test_parents_are_the_most_accurate_that_could_fit_once_faster(setup):
 
     pool = [member("slow-best", 0.99, 5.0), member("a", 0.95, 3.9), member("b", 0.97, 2.0), member("c", 0.90, 0.5)]
     assert [m.name for m in quantisation_parents(pool, device, per_method=2, max_speedup=4.0)] == ["b", "a"]
+
+
+def test_a_model_the_runtime_cannot_convert_leaves_only_itself_out(setup, monkeypatch, caplog):
+    import podium.tasks.quantize as quantize
+    from podium.tasks.profile import profile_candidates
+
+    ctx, ref, _, candidates = setup
+    device = DeviceProfile(name="q-ort", runtime="onnxruntime", precisions=("fp32", "int8"), **FAST)
+    pool = profile_candidates.fn(ctx, {"q-ort": candidates}, [device])
+    real = quantize.derive
+
+    def flaky(ctx, ref, parent, *args):
+        if parent.name == "w4":
+            raise RuntimeError("unsupported operator Foo\nsecond line")
+        return real(ctx, ref, parent, *args)
+
+    monkeypatch.setattr(quantize, "derive", flaky)
+    derived = quantize.derive_precisions.fn(ctx, ref, pool, [device])
+    assert [m.parent for m in derived] == [max(candidates[:2], key=lambda c: c.metrics["val_acc"]).name]
+    assert "w4@int8-onnxruntime: not built (RuntimeError: unsupported operator Foo)" in caplog.text
