@@ -30,6 +30,15 @@ def digits_bundle(image_size: tuple[int, int] = (32, 32), batch_size: int = 64, 
                                   data_hash="sklearn-digits", seed=seed)
 
 
+def pt2_logits(model, shape: tuple[int, int, int], images: np.ndarray, folder) -> np.ndarray:
+    """Logits of ``model``'s ``torch.export`` program (the torch runtime's release artifact) on a batch."""
+    from podium.methods.runtimes import get_runtime
+
+    runtime = get_runtime("torch")
+    with runtime.open(runtime.export(model, shape, folder), threads=1) as session:
+        return session.predict(images)
+
+
 def onnx_logits(path, images: np.ndarray) -> np.ndarray:
     """Logits of an exported ONNX file on a batch, through the runtime every measurement uses."""
     from podium.methods.runtimes import get_runtime

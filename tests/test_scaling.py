@@ -30,7 +30,7 @@ from podium.methods.scaling import (
 )
 from podium.methods.train import TrainConfig, scaled_lr
 from podium.tasks.plots import plot_runtime_correlation
-from tests.conftest import onnx_logits
+from tests.conftest import onnx_logits, pt2_logits
 
 # ---------------------------------------------------------------- the rule
 
@@ -342,6 +342,8 @@ def test_short_fit_yields_exportable_candidates(digits, tmp_path):
         with torch.no_grad():
             want = c.model(images).numpy()
         np.testing.assert_allclose(onnx_logits(path, images.numpy()), want, rtol=1e-3, atol=1e-4)
+        got = pt2_logits(c.model, (1, *c.input_size), images.numpy(), tmp_path / c.name)
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
     assert candidates[1].metrics["flops"] > candidates[0].metrics["flops"]
 
 

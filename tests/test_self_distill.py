@@ -31,7 +31,7 @@ from podium.methods.self_distill import (
     self_distillation_loss,
 )
 from podium.methods.train import TrainConfig
-from tests.conftest import onnx_logits
+from tests.conftest import onnx_logits, pt2_logits
 
 NUM_CLASSES = 10
 
@@ -300,6 +300,8 @@ def test_truncated_exit_onnx_matches_onnxruntime(tmp_path):
     with torch.no_grad():
         expected = exported(images).numpy()
     np.testing.assert_allclose(onnx_logits(path, images.numpy()), expected, rtol=1e-4, atol=1e-4)
+    got = pt2_logits(exported, (1, 32, 32), images.numpy(), tmp_path / "pt2")
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------- method

@@ -27,7 +27,7 @@ from podium.methods.shrinking import (
 )
 from podium.methods.shrinking.method import HOLDOUT_SPLIT, phase_train_config
 from podium.methods.train import TrainConfig
-from tests.conftest import onnx_logits
+from tests.conftest import onnx_logits, pt2_logits
 
 TINY = ShrinkingConfig(stem_width=8, first_block_width=8, unit_widths=(8, 16), unit_strides=(1, 2),
                        unit_se=(False, True), unit_acts=("relu", "hswish"), head_width=24, feature_width=32,
@@ -184,6 +184,7 @@ def test_extracted_subnet_exports_to_onnx(supernet: OFASupernet, tmp_path) -> No
     with torch.no_grad():
         expected = sub(x).numpy()
     np.testing.assert_allclose(onnx_logits(path, x.numpy()), expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(pt2_logits(sub, shape, x.numpy(), tmp_path / "pt2"), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_encoding_zeroes_skipped_blocks() -> None:

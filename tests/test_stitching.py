@@ -46,7 +46,7 @@ from podium.methods.stitching import (
 from podium.methods.stitching import method as stitching_method
 from podium.methods.train import TrainConfig, cross_entropy_loss, fit, scaled_lr
 from podium.tasks.plots import plot_pareto
-from tests.conftest import onnx_logits
+from tests.conftest import onnx_logits, pt2_logits
 
 SMALL = {"family": "resnet", "layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128]}
 LARGE = {"family": "resnet", "layers": [2, 2, 2, 2], "channels": [32, 64, 128, 256]}
@@ -258,6 +258,7 @@ def test_cnn_stitch_onnx_matches_torch(tmp_path):
     with torch.no_grad():
         expected = model(torch.from_numpy(images)).numpy()
     np.testing.assert_allclose(onnx_logits(path, images), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(pt2_logits(model, (1, *SIZE), images, tmp_path / "pt2"), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["cnn", "vit", "swin"])
@@ -289,6 +290,7 @@ def test_vit_stitch_ls_init_and_onnx(digits, tmp_path):
     with torch.no_grad():
         expected = model(torch.from_numpy(images)).numpy()
     np.testing.assert_allclose(onnx_logits(path, images), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(pt2_logits(model, (1, *SIZE), images, tmp_path / "pt2"), expected, rtol=1e-4, atol=1e-4)
 
 
 def _spy_on_distillation(monkeypatch) -> list[int]:
