@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from podium.methods.export import export_onnx
 from podium.methods.families import build
 from podium.methods.profiling import DeviceProfile, measure
-from podium.methods.runtimes import RUNTIMES, get_runtime
+from podium.methods.runtimes import get_runtime
 
 TINY = {"family": "resnet", "layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}
 

@@ -84,15 +84,16 @@ class Runtime(ABC):
         (the runtime's own libraries already imported, so only the model's cost counts)."""
         return probe_peak_memory_mb(self.name, Path(source), input_shape, threads, batch_size)
 
-    def check_precision(self, precision: str) -> None:
+    def export_target(self, folder: Path, precision: str, calibration: Sequence[np.ndarray]) -> Path:
+        """The path ``export`` writes its main file to (folder created), after checking that this runtime
+        builds ``precision`` here and that INT8 has calibration batches."""
         if precision not in self.precisions:
             raise ValueError(f"runtime {self.name!r} cannot build {precision} here (it supports "
                              f"{', '.join(self.precisions)})")
-
-    @staticmethod
-    def require_calibration(precision: str, calibration: Sequence[np.ndarray]) -> None:
         if precision == "int8" and not len(calibration):
             raise ValueError("int8 export needs calibration batches (training images)")
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        return Path(folder) / self.artifact_name
 
 
 RUNTIMES: dict[str, Runtime] = {}

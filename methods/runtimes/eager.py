@@ -140,9 +140,7 @@ class EagerRuntime(Runtime):
         import torch
         from torch.export import Dim
 
-        self.check_precision(precision)
-        target = Path(folder) / self.artifact_name
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = self.export_target(folder, precision, calibration)
         module = copy.deepcopy(model).cpu().eval()
         example = torch.zeros(2, *input_shape)
         program = torch.export.export(module, (example,), dynamic_shapes=({0: Dim("batch", min=1, max=4096)},),

@@ -160,10 +160,7 @@ class ExecuTorchRuntime(Runtime):
 
     def export(self, model: Any, input_shape: tuple[int, int, int], folder: Path, precision: str = "fp32",
                calibration: Sequence[np.ndarray] = ()) -> Path:
-        self.check_precision(precision)
-        self.require_calibration(precision, calibration)
-        target = Path(folder) / self.artifact_name
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = self.export_target(folder, precision, calibration)
         module = copy.deepcopy(model).cpu().eval()
         if precision == "int8":
             module = _quantize_int8(module, input_shape, calibration)

@@ -104,10 +104,7 @@ class OnnxRuntime(Runtime):
                calibration: Sequence[np.ndarray] = ()) -> Path:
         from podium.methods.export import export_onnx, with_metadata
 
-        self.check_precision(precision)
-        self.require_calibration(precision, calibration)
-        target = Path(folder) / self.artifact_name
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = self.export_target(folder, precision, calibration)
         if precision == "fp32":
             return export_onnx(model, input_shape, target)
         with tempfile.TemporaryDirectory(prefix="podium-onnx-") as tmp:

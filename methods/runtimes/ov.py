@@ -66,16 +66,12 @@ class OpenVinoRuntime(Runtime):
 
         from podium.methods.export import export_onnx
 
-        self.check_precision(precision)
-        self.require_calibration(precision, calibration)
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        target = self.export_target(folder, precision, calibration)
         with tempfile.TemporaryDirectory(prefix="podium-ov-") as tmp:
             graph = ov.convert_model(str(export_onnx(model, input_shape, Path(tmp) / "model.onnx")))
         if precision == "int8":
             graph = quantize_ir_int8(graph, calibration)
         graph.set_rt_info(precision, ["podium", "precision"])
-        target = folder / self.artifact_name
         ov.save_model(graph, str(target), compress_to_fp16=False)  # writes model.xml + model.bin
         return target
 
