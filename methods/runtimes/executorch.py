@@ -74,13 +74,14 @@ class ExecuTorchSession(Session):
                                    f"one on {threads} (the threadpool is process-wide)")
             with _quiet_stderr():  # "Resetting threadpool to N threads."
                 lib._unsafe_reset_threadpool(threads)
-        program = ETRuntime.get().load_program(path)
-        self.max_batch = program.metadata("forward").input_tensor_meta(0).sizes()[0]
-        self.method = program.load_method("forward")
+        self.program = ETRuntime.get().load_program(path)  # kept: the method runs out of the program's buffers
+        self.max_batch = self.program.metadata("forward").input_tensor_meta(0).sizes()[0]
+        self.method = self.program.load_method("forward")
         self.live.add(self)
 
     def close(self) -> None:
-        self.method = None
+        self.method = None  # before the program it was loaded from
+        self.program = None
         self.live.discard(self)
 
     def prepare(self, batch: np.ndarray) -> Any:
