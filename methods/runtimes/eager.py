@@ -76,34 +76,31 @@ def _live_bytes_mode():
     """A dispatch mode counting the bytes of every tensor storage ops allocate, until each is freed.
 
     Thread-local and silent, unlike the profiler (OFA measures from training threads); it agrees with
-    torch's profiler memory events within 3 % on the digits ResNets."""
-    import weakref
-
+    torch's profiler memory events within 3 % on the digits ResNets. Frees are found by polling torch's
+    own storage weak references before each op: a Python ``weakref.finalize`` on a storage runs Python
+    code from inside C++ storage destruction, which crashed the test suite's process (SIGSEGV) much later."""
     import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
     class LiveBytes(TorchDispatchMode):
         def __init__(self) -> None:
             super().__init__()
-            self.live = self.peak = 0
-            self.seen: set[int] = set()
-
-        def _freed(self, key: int, nbytes: int) -> None:
-            self.seen.discard(key)
-            self.live -= nbytes
+            self.live: dict[int, tuple[StorageWeakRef, int]] = {}  # data_ptr -> (weak ref, bytes)
+            self.peak = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
+            for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+                del self.live[key]  # freed since the last op (its address may be reused below)
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
                     storage = t.untyped_storage()
                     key = storage.data_ptr()
-                    if key and key not in self.seen:  # a new allocation (views share their base's storage)
-                        self.seen.add(key)
-                        self.live += storage.nbytes()
-                        self.peak = max(self.peak, self.live)
-                        weakref.finalize(storage, self._freed, key, storage.nbytes())
+                    if key and key not in self.live:  # a new allocation (views share their base's storage)
+                        self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+            self.peak = max(self.peak, sum(n for _, n in self.live.values()))
             return out
 
     return LiveBytes()
