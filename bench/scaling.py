@@ -42,7 +42,7 @@ def main() -> None:
 
     torch.set_num_threads(max(1, args.threads))
     profile = DeviceProfile(name="bench-cpu", threads=args.threads, batch_size=args.batch_size,
-                            latency_budget_ms=1000.0, warmup=10, min_repeats=30, max_repeats=600,
+                            latency_budget_ms=1000.0, warmup=10, round_repeats=5, min_rounds=6, max_rounds=120,
                             max_seconds=args.max_seconds)
     data = None
     if args.train_steps:

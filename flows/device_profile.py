@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger
 
 from podium.errors import ProfileRequestError
 from podium.files import sha256_file
-from podium.methods.profiling import DeviceProfile, measure
+from podium.methods.profiling import Artifact, DeviceProfile, measure_against_budget
 from podium.registry.release import check_name
 from podium.registry.stores import ArtifactStore, open_store
 
@@ -34,35 +34,38 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def measure_models(device: DeviceProfile, models: list[dict[str, Any]], store: ArtifactStore,
                    logger: logging.Logger | logging.LoggerAdapter | None = None) -> dict[str, dict]:
-    """Download each model's artifact files, check their sha256, and measure it with the device's
-    runtime; {name: LatencyStats dict}.
+    """Download each model's artifact files, check their sha256, and measure them all with the device's
+    runtime, the way local devices are (one pinned process, interleaved rounds); {name: LatencyStats dict}.
 
-    Models are measured one after another (measurements must not overlap on the device). Any bad
-    model fails the whole request: a partial answer would silently drop candidates from the race.
+    Any bad model fails the whole request: a partial answer would silently drop candidates from the race.
     """
     log = logger or logging.getLogger("podium.flows.device_profile")
-    results: dict[str, dict] = {}
-    for i, model in enumerate(models):
-        name, files, main, shape = model.get("name"), model.get("files"), model.get("main"), model.get("input_shape")
-        if not (isinstance(name, str) and isinstance(files, list) and files and isinstance(main, str)
-                and isinstance(shape, list) and len(shape) == 3):
-            raise ProfileRequestError(f"model #{i}: expected name, files, main and a 3-item input_shape, got {model}")
-        if model.get("runtime", device.runtime) != device.runtime:
-            raise ProfileRequestError(f"model {name!r} is a {model.get('runtime')} artifact; device {device.name} "
-                                      f"runs {device.runtime}")
-        with tempfile.TemporaryDirectory(prefix="podium-profile-") as tmp:
+    artifacts = []
+    with tempfile.TemporaryDirectory(prefix="podium-profile-") as tmp:
+        for i, model in enumerate(models):
+            name, files, main = model.get("name"), model.get("files"), model.get("main")
+            shape = model.get("input_shape")
+            if not (isinstance(name, str) and isinstance(files, list) and files and isinstance(main, str)
+                    and isinstance(shape, list) and len(shape) == 3):
+                raise ProfileRequestError(f"model #{i}: expected name, files, main and a 3-item input_shape, "
+                                          f"got {model}")
+            if model.get("runtime", device.runtime) != device.runtime:
+                raise ProfileRequestError(f"model {name!r} is a {model.get('runtime')} artifact; device {device.name} "
+                                          f"runs {device.runtime}")
+            folder = Path(tmp) / str(i)
+            folder.mkdir()
             for entry in files:
-                file_name = check_name(entry.get("name"))
-                local = Path(tmp) / file_name
+                local = folder / check_name(entry.get("name"))
                 store.get_file(entry["key"], local)
                 if sha256_file(local) != entry.get("sha256"):
                     raise ProfileRequestError(f"model {name!r}: {entry['key']} does not match its sha256")
-            stats = measure(None, (int(shape[0]), int(shape[1]), int(shape[2])), device,
-                            artifact=Path(tmp) / check_name(main), precision=str(model.get("precision", "fp32")))
-        results[name] = stats.as_dict()
-        log.info("%s on %s: p50 %.3f ms, %.1f MB (%d runs)", name, device.name, stats.p50_ms, stats.peak_mem_mb,
-                 stats.runs)
-    return results
+            artifacts.append(Artifact(name, folder / check_name(main), (int(shape[0]), int(shape[1]), int(shape[2])),
+                                      str(model.get("precision", "fp32"))))
+        measured = measure_against_budget(artifacts, device)
+    for name, stats in measured.items():
+        log.info("%s on %s: p50 %s, %.1f MB (%d rounds%s)", name, device.name, stats.interval_text(),
+                 stats.peak_mem_mb, stats.rounds, f"; {stats.interference}" if stats.interference else "")
+    return {name: stats.as_dict() for name, stats in measured.items()}
 
 
 @flow(name="profile", log_prints=True)

@@ -2,7 +2,7 @@
 
 Exports live under ``<cache>/exports/<digest>/`` and measurements in ``<cache>/latency.json``
 keyed by (model digest, device settings), so an unchanged model is never re-exported or
-re-measured.
+re-measured (unless its measurement was ``noisy``: that one is not kept).
 
 Devices with a ``work_pool`` are measured remotely: the exports go to the run's artifact store
 under ``profiling/<digest>/``, the ``profile`` deployment of that pool (`flows.device_profile`) runs on a
@@ -30,7 +30,7 @@ from torch import nn
 from podium.files import TMP_MARK, atomic_path, atomic_write_text, sha256_file
 from podium.methods.base import Candidate
 from podium.methods.export import export_onnx, save_weights
-from podium.methods.profiling import DeviceProfile, LatencyStats, measure
+from podium.methods.profiling import Artifact, DeviceProfile, LatencyStats, measure_against_budget
 from podium.methods.runtimes import get_runtime
 from podium.tasks.common import RunContext, candidate_digest
 
@@ -125,7 +125,8 @@ def export_candidate(ctx: RunContext, candidate: Candidate) -> ExportedModel:
     return ExportedModel(digest, onnx_path, weights_path, candidate.input_shape)
 
 
-MEASUREMENT_VERSION = 2  # bump when what a measurement means changes (2: peak memory really measured)
+MEASUREMENT_VERSION = 4  # bump when what a measurement means changes (2: peak memory really measured,
+#                          3-4: isolated, pinned, interleaved rounds with an interval, steal detected)
 
 
 def _measurement_key(digest: str, device: DeviceProfile) -> str:
@@ -143,6 +144,9 @@ class LatencyCache:
         return LatencyStats(**entry) if entry else None
 
     def put(self, key: str, stats: LatencyStats) -> None:
+        """Keep a clean measurement; a ``noisy`` one serves this run only and is measured again next time."""
+        if stats.noisy:
+            return
         with _cache_lock:
             self.entries[key] = stats.as_dict()
             atomic_write_text(self.path, json.dumps(self.entries, indent=1))
@@ -180,25 +184,35 @@ def profile_candidates(ctx: RunContext, offers: dict[str, list[Candidate]], devi
 def measure_pool(ctx: RunContext, pool: list[MeasuredCandidate], devices: list[DeviceProfile],
                  remote_timeout_s: float) -> None:
     """Fill each member's stats on every device it was offered to: local devices here, one after
-    another; work-pool devices afterwards, all at once. Cached measurements are reused."""
+    another, each in its own pinned process (:func:`measure_device`); work-pool devices afterwards,
+    all at once. Cached measurements are reused."""
     cache = LatencyCache(ctx.cache_path / "latency.json")
     for device in devices:
         if device.work_pool:
             continue
         offered = [m for m in pool if device.name in m.offered_to]
-        runtime = get_runtime(device.runtime)
+        missing = []
         for member in offered:
-            key = _measurement_key(member.export.digest, device)
-            measured = cache.get(key)
-            if measured is None:
-                in_process = runtime.runs_module and member.precision == "fp32"  # torch: the module itself
-                artifact = None if in_process else member.export.artifact(device.runtime, member.candidate.model)
-                measured = measure(member.candidate.model, member.export.input_shape, device, artifact=artifact,
-                                   precision=member.precision)
-                cache.put(key, measured)
-            member.stats[device.name] = measured
-        log.info("profiled %d candidates on %s", len(offered), device.name)
+            cached = cache.get(_measurement_key(member.export.digest, device))
+            if cached is None:
+                missing.append(member)
+            else:
+                member.stats[device.name] = cached
+        for name, stats in (measure_device({m.name: m for m in missing}, device) if missing else {}).items():
+            member = next(m for m in missing if m.name == name)
+            cache.put(_measurement_key(member.export.digest, device), stats)
+            member.stats[device.name] = stats
+        log.info("profiled %d candidates on %s (%d measured, %d cached)", len(offered), device.name,
+                 len(missing), len(offered) - len(missing))
     profile_remote_devices(ctx, [d for d in devices if d.work_pool], pool, cache, remote_timeout_s)
+
+
+def measure_device(members: dict[str, MeasuredCandidate], device: DeviceProfile) -> dict[str, LatencyStats]:
+    """Each member's own artifact for ``device``'s runtime, measured together in one isolated process
+    (:func:`~podium.methods.profiling.measure_against_budget`)."""
+    artifacts = [Artifact(name, m.export.artifact(device.runtime, m.candidate.model), m.export.input_shape,
+                          m.precision) for name, m in members.items()]
+    return measure_against_budget(artifacts, device)
 
 
 def profile_remote_devices(ctx: RunContext, devices: list[DeviceProfile], pool: list[MeasuredCandidate],

@@ -59,14 +59,19 @@ def services(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         yield {"root": root, "endpoint": s3_endpoint}
 
 
+# few short rounds; never "noisy" (noisy measurements are not cached, and reruns must find them cached)
+FAST_MEASUREMENT = {"warmup": 1, "round_repeats": 2, "min_rounds": 3, "max_rounds": 5, "stable_tolerance": 0.5,
+                    "max_disturbed": 1.0}
+
+
 def write_config(services: dict, path: Path, **overrides: Any) -> Path:
     root = services["root"]
     devices = root / "devices.yaml"
     devices.write_text(yaml.safe_dump({"devices": [
         {"name": "cpu-1t", "runtime": "torch", "threads": 1, "batch_size": 1, "latency_budget_ms": 1000,
-         "warmup": 1, "min_repeats": 5, "max_repeats": 10},
+         **FAST_MEASUREMENT},
         {"name": "cpu-onnx", "runtime": "onnxruntime", "threads": 1, "batch_size": 4, "latency_budget_ms": 1000,
-         "warmup": 1, "min_repeats": 5, "max_repeats": 10, "precisions": ["fp32", "int8"]},
+         **FAST_MEASUREMENT, "precisions": ["fp32", "int8"]},
     ]}))
     raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     raw.update({

@@ -1,13 +1,16 @@
 """The profiler measures (never estimates), honours the profile, and agrees across runtimes."""
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 from pydantic import ValidationError
 
 from podium.methods.export import export_onnx
 from podium.methods.families import build
-from podium.methods.profiling import DeviceProfile, measure
+from podium.methods.profiling import DeviceProfile, LatencyStats, measure
 from podium.methods.runtimes import get_runtime
 
 TINY = {"family": "resnet", "layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}
@@ -18,7 +21,7 @@ def test_torch_and_onnx_measurements_are_complete(tmp_path):
     onnx_path = export_onnx(model, (1, 32, 32), tmp_path / "m.onnx")
     for runtime in ("torch", "onnxruntime"):
         profile = DeviceProfile(name="t", runtime=runtime, threads=1, batch_size=2, latency_budget_ms=100,
-                                warmup=1, min_repeats=5, max_repeats=10, max_seconds=5)
+                                warmup=1, round_repeats=2, min_rounds=3, max_rounds=5, max_seconds=5)
         stats = measure(model, (1, 32, 32), profile, artifact=onnx_path if runtime == "onnxruntime" else None)
         assert stats.runtime == runtime and stats.batch_size == 2 and stats.threads == 1
         assert 5 <= stats.runs <= 10
@@ -27,7 +30,8 @@ def test_torch_and_onnx_measurements_are_complete(tmp_path):
 
 def test_profile_threads_are_restored():
     before = torch.get_num_threads()
-    profile = DeviceProfile(name="t", threads=1, latency_budget_ms=100, warmup=0, min_repeats=3, max_repeats=3)
+    profile = DeviceProfile(name="t", threads=1, latency_budget_ms=100, warmup=0, round_repeats=1, min_rounds=3,
+                            max_rounds=3)
     measure(build(TINY, 10, 1), (1, 16, 16), profile)
     assert torch.get_num_threads() == before
 
@@ -35,7 +39,7 @@ def test_profile_threads_are_restored():
 def test_a_measurement_exports_when_no_artifact_is_given():
     """Without an artifact the profiler exports to a temporary folder: ONNX Runtime measures the graph."""
     profile = DeviceProfile(name="t", runtime="onnxruntime", threads=1, latency_budget_ms=100, warmup=0,
-                            min_repeats=3, max_repeats=3)
+                            round_repeats=1, min_rounds=3, max_rounds=3)
     assert measure(build(TINY, 10, 1).eval(), (1, 16, 16), profile).runtime == "onnxruntime"
     with pytest.raises(TypeError, match="export the module first"):
         get_runtime("onnxruntime").open(build(TINY, 10, 1), threads=1)
@@ -67,14 +71,16 @@ def test_candidate_identity_is_the_model_not_its_provenance(tmp_path, monkeypatc
     assert candidate_digest(anchor("trained", net=build(TINY, 10, 1).eval())) != candidate_digest(trained)
 
     exports, measures = [], []
-    real_export, real_measure = profile_task.export_onnx, profile_task.measure
+    real_export, real_measure = profile_task.export_onnx, profile_task.measure_against_budget
     monkeypatch.setattr(profile_task, "export_onnx", lambda *a, **k: exports.append(1) or real_export(*a, **k))
-    monkeypatch.setattr(profile_task, "measure", lambda *a, **k: measures.append(1) or real_measure(*a, **k))
+    monkeypatch.setattr(profile_task, "measure_against_budget",
+                        lambda *a, **k: measures.append(1) or real_measure(*a, **k))
     cfg = PodiumConfig(anchors=[AnchorConfig(name="a", arch=TINY)], store=StoreConfig(uri=str(tmp_path / "store")),
                        runtime=RuntimeConfig(cache_dir=str(tmp_path / "cache")))
     ctx = RunContext(cfg=cfg, project_dir=str(tmp_path), run_id="r", git_sha="g")
     device = DeviceProfile(name="t", runtime="onnxruntime", threads=1, latency_budget_ms=100, warmup=0,
-                           min_repeats=3, max_repeats=3)
+                           round_repeats=1, min_rounds=3, max_rounds=3, stable_tolerance=0.5,
+                           max_disturbed=1.0)  # never "noisy" (noisy ones are not cached)
     for cand in (trained, loaded):
         (member,) = profile_task.profile_candidates.fn(ctx, {"t": [cand]}, [device])
         assert member.stats["t"].runs == 3
@@ -94,7 +100,7 @@ def test_a_runtime_artifact_is_exported_once_beside_the_onnx_and_measured_there(
     ctx = RunContext(cfg=cfg, project_dir=str(tmp_path), run_id="r", git_sha="g")
     cand = Candidate("a", "anchor", {}, build(TINY, 10, 1).eval(), (16, 16), {"val_acc": 0.5}, in_chans=1)
     device = DeviceProfile(name="ov", runtime="openvino", threads=1, latency_budget_ms=100, warmup=1,
-                           min_repeats=3, max_repeats=3)
+                           round_repeats=1, min_rounds=3, max_rounds=3)
     (member,) = profile_task.profile_candidates.fn(ctx, {"ov": [cand]}, [device])
     assert member.stats["ov"].runtime == "openvino" and member.stats["ov"].runs == 3
     folder = member.export.onnx.parent
@@ -113,3 +119,108 @@ def test_a_device_lists_only_precisions_its_runtime_builds():
         DeviceProfile(name="t", runtime="executorch", latency_budget_ms=1, batch_size=2048)
     with pytest.raises(ValidationError, match="list each precision once"):
         DeviceProfile(name="t", runtime="onnxruntime", latency_budget_ms=1, precisions=("int8", "int8"))
+
+
+# ------------------------------------------------------------------ isolated, interleaved, with intervals
+
+def test_the_median_interval_is_the_order_statistic_one():
+    from podium.methods.profiling import median_interval
+
+    values = [float(v) for v in range(10)]
+    assert median_interval(values) == (1.0, 8.0)  # n=10: ranks 2 and 9 (binomial tail 1.1 %)
+    assert median_interval(values[:8]) == (0.0, 7.0)  # n=8: the extremes
+    low, high = median_interval([float(v) for v in range(100)])
+    assert (low, high) == (39.0, 60.0)
+
+
+def test_candidates_are_timed_in_interleaved_rounds():
+    """Each round runs every candidate once, starting one further along, so drift hits them alike."""
+    from podium.methods.profiling import time_in_rounds
+
+    order = []
+    runs = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    profile = DeviceProfile(name="t", latency_budget_ms=1, warmup=0, round_repeats=1, min_rounds=3, max_rounds=3)
+    timings = time_in_rounds(runs, profile)
+    assert "".join(order) == "abcbcacab"
+    assert all(t["rounds"] == 3 and t["p50_low_ms"] <= t["p50_ms"] <= t["p50_high_ms"] for t in timings.values())
+
+
+@pytest.fixture(scope="module")
+def onnx_pair(tmp_path_factory):
+    """A small and a four-times-wider ResNet, as ONNX."""
+    folder = tmp_path_factory.mktemp("pair")
+    small = export_onnx(build(TINY, 10, 1).eval(), (1, 32, 32), folder / "small.onnx")
+    wide = {**TINY, "channels": [32, 64, 128, 256]}
+    large = export_onnx(build(wide, 10, 1).eval(), (1, 32, 32), folder / "large.onnx")
+    return small, large
+
+
+def test_isolated_measurement_is_pinned_and_ranks_models_by_cost(onnx_pair):
+    import os
+
+    from podium.methods.profiling import Artifact, measure_isolated
+
+    small, large = onnx_pair
+    device = DeviceProfile(name="t", runtime="onnxruntime", latency_budget_ms=100, warmup=2, min_rounds=5,
+                           max_rounds=10)
+    stats = measure_isolated([Artifact("small", small, (1, 32, 32)), Artifact("large", large, (1, 32, 32))], device)
+    assert stats["small"].p50_ms < stats["large"].p50_ms
+    last = str(sorted(os.sched_getaffinity(0))[-1])
+    assert all(s.cores == last and s.rounds >= 5 and s.p50_low_ms <= s.p50_ms <= s.p50_high_ms and s.peak_mem_mb > 0
+               for s in stats.values())
+
+
+def test_a_busy_core_is_detected_and_the_measurement_marked_noisy(onnx_pair):
+    """A CPU-bound process pinned to the measurement's core keeps it waiting: rounds longer than a
+    scheduler time slice are all disturbed, more rounds do not help, and the stats say so instead of
+    passing for clean numbers. (Shorter rounds often fit between the other process's slices: those
+    undisturbed rounds are what the statistics then use.)"""
+    import os
+    import subprocess
+    import sys
+
+    from podium.methods.profiling import Artifact, measure_isolated
+
+    core = sorted(os.sched_getaffinity(0))[-1]
+    burn = f"import os\nos.sched_setaffinity(0, {{{core}}})\nwhile True: pass"
+    burner = subprocess.Popen([sys.executable, "-c", burn])
+    try:
+        device = DeviceProfile(name="t", runtime="onnxruntime", latency_budget_ms=100, warmup=1, round_repeats=300,
+                               min_rounds=3, max_rounds=5, cores=(core,))
+        (stats,) = measure_isolated([Artifact("small", onnx_pair[0], (1, 32, 32))], device, memory=False).values()
+    finally:
+        burner.kill()
+        burner.wait()
+    assert stats.noisy and "rounds disturbed" in stats.interference, stats
+
+
+def test_only_candidates_straddling_the_budget_are_measured_again(monkeypatch):
+    import podium.methods.profiling as profiling
+    from podium.methods.profiling import Artifact, LatencyStats
+
+    def stats(p50, low, high):
+        return LatencyStats(p50, p50, p50, 0.0, 10, 1.0, "onnxruntime", 1, 1, p50_low_ms=low, p50_high_ms=high)
+
+    first = {"clear": stats(0.5, 0.45, 0.55), "straddles": stats(0.98, 0.9, 1.1), "over": stats(2.0, 1.9, 2.1)}
+    calls = []
+
+    def fake(artifacts, profile, memory=True):  # noqa: ARG001
+        calls.append(([a.name for a in artifacts], profile.min_rounds))
+        return first if len(calls) == 1 else {"straddles": stats(0.97, 0.95, 0.99)}
+
+    monkeypatch.setattr(profiling, "measure_isolated", fake)
+    device = DeviceProfile(name="t", runtime="onnxruntime", latency_budget_ms=1.0, min_rounds=10, max_rounds=20)
+    got = profiling.measure_against_budget([Artifact(n, Path(n), (1, 8, 8)) for n in first], device)
+    assert calls == [(["clear", "straddles", "over"], 10), (["straddles"], 20)]
+    assert got["straddles"].budget_verdict(1.0) == "within" and "re-measured" in got["straddles"].interference
+    assert [got[n].budget_verdict(1.0) for n in ("clear", "over")] == ["within", "over"]
+
+
+def test_a_noisy_measurement_is_not_kept_for_the_next_run(tmp_path):
+    from podium.tasks.profile import LatencyCache
+
+    cache = LatencyCache(tmp_path / "latency.json")
+    clean = LatencyStats(1.0, 1.1, 1.0, 0.1, 50, 5.0, "onnxruntime", 1, 1, p50_low_ms=0.98, p50_high_ms=1.02)
+    cache.put("clean", clean)
+    cache.put("noisy", dataclasses.replace(clean, noisy=True, interference="40/40 rounds disturbed"))
+    assert LatencyCache(tmp_path / "latency.json").entries.keys() == {"clean"}

@@ -270,7 +270,7 @@ def test_early_exit_latency_is_reported_next_to_the_plain_backbone_by_the_one_pr
 
     def recording_measure(model, input_shape, profile, **kwargs):
         measured.append((model, profile))
-        fast = profile.model_copy(update={"warmup": 1, "min_repeats": 3, "max_repeats": 6})
+        fast = profile.model_copy(update={"warmup": 1, "round_repeats": 2, "min_rounds": 3, "max_rounds": 3})
         return real_measure(model, input_shape, fast, **kwargs)
 
     monkeypatch.setattr(sd, "measure", recording_measure)

@@ -275,8 +275,8 @@ def test_fit_and_search_end_to_end(digits, monkeypatch) -> None:
     assert reads.count((HOLDOUT_SPLIT, None)) == cfg.predictor.samples
     assert set(reads) == {(HOLDOUT_SPLIT, None), ("train", 40)}  # BN statistics: 40 training images, not the hold-out
     assert space.predictor_report["holdout_images"] == 32
-    device = DeviceProfile(name="cpu-test", threads=1, latency_budget_ms=1000.0, warmup=1, min_repeats=3,
-                           max_repeats=3, max_seconds=1.0)
+    device = DeviceProfile(name="cpu-test", threads=1, latency_budget_ms=1000.0, warmup=1, round_repeats=1,
+                           min_rounds=3, max_rounds=3, max_seconds=1.0)
     cands = list(space.candidates(device))
     assert 1 <= len(cands) <= 2
     for cand in cands:

@@ -33,8 +33,8 @@ class LatencyTable:
 
     def __init__(self, supernet: OFASupernet, device: DeviceProfile, cfg: ShrinkingConfig) -> None:
         self.supernet, self.device, self.cfg = supernet, device, cfg
-        self.profile = device.model_copy(update={"warmup": cfg.lut_warmup, "min_repeats": cfg.lut_repeats,
-                                                 "max_repeats": cfg.lut_repeats, "max_seconds": cfg.lut_max_seconds})
+        self.profile = device.model_copy(update={"warmup": cfg.lut_warmup, "round_repeats": cfg.lut_repeats,
+                                                 "min_rounds": 3, "max_rounds": 3, "max_seconds": cfg.lut_max_seconds})
         self.table: dict[tuple, float] = {}
         self.scale, self.offset = 1.0, 0.0  # whole-network correction, see calibrate()
 
