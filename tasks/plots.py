@@ -34,6 +34,12 @@ def plot_device(device: DeviceProfile, rows: list[dict], path: Path) -> Path:
                 label = method if precision == "fp32" else f"{method} {precision}"
                 ax.scatter([r["p50_ms"] for r in pts], [r["val_acc"] for r in pts], label=label, color=f"C{i}",
                            marker=marker, s=24)
+                spans = [r for r in pts if r.get("p50_low_ms") is not None]  # the median's 95 % interval
+                if spans:
+                    ax.errorbar([r["p50_ms"] for r in spans], [r["val_acc"] for r in spans], fmt="none",
+                                xerr=[[r["p50_ms"] - r["p50_low_ms"] for r in spans],
+                                      [r["p50_high_ms"] - r["p50_ms"] for r in spans]],
+                                ecolor=f"C{i}", elinewidth=0.8, alpha=0.6)
     front = pareto_front(measured, cost=lambda r: r["p50_ms"], value=lambda r: r["val_acc"])
     if front:
         ax.plot([r["p50_ms"] for r in front], [r["val_acc"] for r in front], color="grey", lw=1, ls=":",

@@ -6,8 +6,10 @@ step leaves the alias and the store's current release as they were.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,17 +41,64 @@ class Outcome:
     winner: str | None
     version: str | None = None
     alias_moved: bool = False
-    reason: str = ""
+    reason: str = ""  # of the promotion (or why there is no winner)
+    chosen: str = ""  # why this candidate won the device (see choose_winner)
+    tied: tuple[str, ...] = ()  # candidates it tied with (the same winner, in effect)
 
 
-def select_winner(pool: list[MeasuredCandidate], device: DeviceProfile) -> MeasuredCandidate | None:
-    """The most accurate candidate measured on ``device`` within its latency and memory budgets (ties: faster)."""
-    eligible = [m for m in pool if device.name in m.stats
-                and m.stats[device.name].p50_ms <= device.latency_budget_ms
-                and m.stats[device.name].peak_mem_mb <= device.memory_budget_mb]
+@dataclass(frozen=True)
+class Choice:
+    winner: MeasuredCandidate | None
+    why: str
+    tied: tuple[str, ...] = ()  # tied with the winner, the tie broken by flops then name
+    ambiguous: tuple[str, ...] = ()  # still straddling the budget after re-measuring: not chosen
+
+
+def accuracy_resolution(accuracy: float, images: int) -> float:
+    """The smallest accuracy difference ``images`` validation images resolve: one standard error of
+    the accuracy, and never less than one image."""
+    images = max(images, 1)
+    return max(1 / images, math.sqrt(accuracy * (1 - accuracy) / images))
+
+
+def choose_winner(pool: list[MeasuredCandidate], device: DeviceProfile, val_images: int) -> Choice:
+    """The device's winner among candidates whose whole latency interval is within budget (and memory).
+
+    The most accurate wins, except that candidates within :func:`accuracy_resolution` of it contend:
+    the fastest of them and every one whose interval overlaps its interval are a tie, broken by fewer
+    flops, then by name. So the same candidates give the same winner whatever noise moved p50."""
+    budget = device.latency_budget_ms
+    fits = [m for m in pool if device.name in m.stats and m.stats[device.name].peak_mem_mb <= device.memory_budget_mb]
+    verdict = {m.name: m.stats[device.name].budget_verdict(budget) for m in fits}
+    eligible = [m for m in fits if verdict[m.name] == "within"]
+    ambiguous = tuple(sorted(m.name for m in fits if verdict[m.name] == "ambiguous"))
     if not eligible:
-        return None
-    return max(eligible, key=lambda m: (m.candidate.metrics["val_acc"], -m.stats[device.name].p50_ms))
+        straddle = f"; {len(ambiguous)} straddle the budget after re-measuring" if ambiguous else ""
+        return Choice(None, f"no candidate within {budget:g} ms / {device.memory_budget_mb:g} MB{straddle}",
+                      ambiguous=ambiguous)
+
+    def acc(m: MeasuredCandidate) -> float:
+        return m.candidate.metrics["val_acc"]
+
+    def stats(m: MeasuredCandidate) -> LatencyStats:
+        return m.stats[device.name]
+
+    best = max(eligible, key=lambda m: (acc(m), -stats(m).p50_ms))
+    resolution = accuracy_resolution(acc(best), val_images)
+    contenders = [m for m in eligible if acc(best) - acc(m) < resolution]
+    fastest = min(contenders, key=lambda m: (stats(m).p50_ms, m.name))
+    tied = [m for m in contenders if stats(m).p50_low_ms <= stats(fastest).p50_high_ms]
+    winner = min(tied, key=lambda m: (m.candidate.metrics.get("flops", math.inf), m.name))
+    measured = f"val_acc {acc(winner):.4f}, p50 {stats(winner).interval_text()} within {budget:g} ms"
+    if len(contenders) == 1:
+        why = f"most accurate within budget ({measured})"
+    elif len(tied) == 1:
+        why = (f"fastest of {len(contenders)} candidates within {100 * resolution:.1f} pts of the best accuracy "
+               f"({measured})")
+    else:
+        why = (f"tie of {len(tied)} (accuracy within {100 * resolution:.1f} pts, latency intervals overlap), "
+               f"broken by fewer flops then name ({measured})")
+    return Choice(winner, why, tuple(sorted(m.name for m in tied if m is not winner)), ambiguous)
 
 
 def _champion_accuracy_on(ctx: RunContext, version, data: DataBundle) -> float | None:
@@ -125,10 +174,9 @@ def onnx_properties(metadata: dict) -> dict[str, str]:
 # (cloudpickling every model passed in: about 1 s per call) just to look for a cache entry.
 @task(name="promote-and-publish", task_run_name="promote-{device.name}", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def promote_and_publish(ctx: RunContext, ref: DatasetRef, device: DeviceProfile,
-                        winner: MeasuredCandidate | None) -> Outcome:
+                        winner: MeasuredCandidate | None, chosen: str = "") -> Outcome:
     if winner is None:
-        return Outcome(device.name, None, reason=f"no candidate within {device.latency_budget_ms} ms / "
-                                                  f"{device.memory_budget_mb} MB")
+        return Outcome(device.name, None, reason=chosen or "no candidate")
     registry, name, store = ctx.registry, ctx.cfg.model_name, ctx.open_store()
     cand, stats, exported = winner.candidate, winner.stats[device.name], winner.export
     champion = registry.version_by_alias(name, device.name)
@@ -142,7 +190,7 @@ def promote_and_publish(ctx: RunContext, ref: DatasetRef, device: DeviceProfile,
     decision = promotion.decide_promotion(cand.metrics["val_acc"], champion, ref.data_hash, champion_acc)
 
     shipped = runtime_files(winner, device)
-    metadata = _metadata(ctx, ref, data, winner, device, stats, shipped)
+    metadata = {**_metadata(ctx, ref, data, winner, device, stats, shipped), "chosen": chosen}
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = with_metadata(exported.onnx, Path(tmp) / "model.onnx", onnx_properties(metadata))
         example = next(iter(data.eval_loader("val", cand.input_size, limit=2)))[0].numpy()
@@ -154,7 +202,7 @@ def promote_and_publish(ctx: RunContext, ref: DatasetRef, device: DeviceProfile,
             "p50_ms": f"{stats.p50_ms:.4f}", "flops": cand.metrics.get("flops"), "params": cand.metrics.get("params"),
             "acts": cand.metrics.get("acts"), "data_hash": ref.data_hash, "git_sha": ctx.git_sha,
             "run_id": ctx.run_id, "digest": exported.digest, "input_size": json.dumps(list(cand.input_size)),
-            "promotion": "pending", "promotion_reason": decision.reason}
+            "promotion": "pending", "promotion_reason": decision.reason, "chosen": chosen[:5000]}
     version = registry.register(name, uri, ctx.run_id, tags)
     if not decision.promote:
         registry.set_version_tags(name, version.version, {"promotion": "kept-champion"})
@@ -171,14 +219,18 @@ def promote_winners(ctx: RunContext, ref: DatasetRef, pool: list[MeasuredCandida
     A device whose promotion fails keeps its release; the others go on. Returns (outcomes, winners
     by device, one line per failed device)."""
     outcomes, winners, failed = [], {}, []
+    val_images = len(load_data(ctx, ref).dataset("val"))
     with promotion_lock(ctx.cache_path, ctx.cfg.model_name):
         for device in devices:
-            winner = select_winner(pool, device)
-            if winner is not None:
-                winners[device.name] = winner
-            outcome = promote_and_publish(ctx, ref, device, winner, return_state=True).result(raise_on_failure=False)
+            choice = choose_winner(pool, device, val_images)
+            log.info("%s: %s", device.name, f"{choice.winner.name}: {choice.why}" if choice.winner else choice.why)
+            if choice.winner is not None:
+                winners[device.name] = choice.winner
+            outcome = promote_and_publish(ctx, ref, device, choice.winner, choice.why,
+                                          return_state=True).result(raise_on_failure=False)
             if isinstance(outcome, BaseException):
                 failed.append(f"device {device.name}: {first_line(outcome)}")
-                outcome = Outcome(device.name, winner.name if winner else None, reason=f"failed: {first_line(outcome)}")
-            outcomes.append(outcome)
+                outcome = Outcome(device.name, choice.winner.name if choice.winner else None,
+                                  reason=f"failed: {first_line(outcome)}")
+            outcomes.append(dataclasses.replace(outcome, chosen=choice.why, tied=choice.tied))
     return outcomes, winners, failed

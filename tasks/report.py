@@ -38,10 +38,14 @@ def device_rows(pool: list[MeasuredCandidate], device: DeviceProfile, outcome: O
             "candidate": cand.name, "method": cand.method, "precision": member.precision, "parent": member.parent,
             "val_acc": cand.metrics["val_acc"], "flops": cand.metrics.get("flops"),
             "p50_ms": s.p50_ms if s else None, "p90_ms": s.p90_ms if s else None,
+            "p50_low_ms": s.p50_low_ms if s else None, "p50_high_ms": s.p50_high_ms if s else None,
+            "verdict": s.budget_verdict(device.latency_budget_ms) if s else None,
+            "noisy": s.noisy if s else None, "interference": s.interference if s else "",
             "peak_mem_mb": s.peak_mem_mb if s else None, "budget_ms": device.latency_budget_ms,
             "mem_budget_mb": device.memory_budget_mb, "runtime": device.runtime,
             "train_images": cand.metrics.get("train_images"), "train_device_s": cand.metrics.get("train_device_s"),
             "winner": bool(outcome and outcome.winner == cand.name),
+            "tied": bool(outcome and cand.name in outcome.tied),
             "alias": (f"{device.name} -> v{outcome.version}" if outcome and outcome.winner == cand.name
                       and outcome.alias_moved else ""),
         })
@@ -49,26 +53,44 @@ def device_rows(pool: list[MeasuredCandidate], device: DeviceProfile, outcome: O
 
 
 def _within(row: dict) -> bool:
-    return row["p50_ms"] is not None and row["p50_ms"] <= row["budget_ms"] and row["peak_mem_mb"] <= row["mem_budget_mb"]
+    """Within both budgets: the whole latency interval, and memory."""
+    return row["verdict"] == "within" and row["peak_mem_mb"] <= row["mem_budget_mb"]
+
+
+def _interval(row: dict) -> str:
+    return f"[{row['p50_low_ms']:.3f}, {row['p50_high_ms']:.3f}]" if row["p50_low_ms"] is not None else "n/a"
 
 
 def format_table(device: DeviceProfile, rows: list[dict], outcome: Outcome | None) -> str:
-    header = (f"{'candidate':<46} {'method':<12} {'prec':<5} {'val_acc':>7} {'p50 ms':>8} {'p90 ms':>8} "
-              f"{'peak MB':>8} {'budget':>7}  winner")
+    header = (f"{'candidate':<46} {'method':<12} {'prec':<5} {'val_acc':>7} {'p50 ms':>8} {'95% interval':>17} "
+              f"{'p90 ms':>8} {'peak MB':>8} {'budget':>7}  winner")
     lines = [f"== {device.name} ({device.runtime}, {device.threads} thread(s), batch {device.batch_size}, "
              f"{'/'.join(device.precisions)}, {device.memory_budget_mb:g} MB) ==", header, "-" * len(header)]
     for r in rows:
         p50, p90, mem = ((f"{r[k]:.3f}" if k != "peak_mem_mb" else f"{r[k]:.1f}") if r[k] is not None else "n/a"
                          for k in ("p50_ms", "p90_ms", "peak_mem_mb"))
-        mark = "*" if r["winner"] else ("" if _within(r) else "over")
+        if r["winner"]:
+            mark = "*"
+        elif r["verdict"] == "ambiguous":
+            mark = "straddles"
+        else:
+            mark = "" if _within(r) else "over"
+        mark += " (tie)" if r.get("tied") else ""
+        mark += " noisy" if r["noisy"] else ""
         lines.append(f"{r['candidate'][:46]:<46} {r['method']:<12} {r['precision']:<5} {r['val_acc']:>7.4f} {p50:>8} "
-                     f"{p90:>8} {mem:>8} {r['budget_ms']:>7.3g}  {mark}")
+                     f"{_interval(r):>17} {p90:>8} {mem:>8} {r['budget_ms']:>7.3g}  {mark}")
     lines += precision_lines(rows)
+    noisy = [r for r in rows if r["noisy"]]
+    if noisy:
+        lines.append(f"noisy: {len(noisy)} of {len(rows)} measurements ({noisy[0]['candidate']}: "
+                     f"{noisy[0]['interference']})")
     if outcome is not None:
         alias = f"alias {device.name} -> v{outcome.version}" if outcome.alias_moved else "alias unchanged"
         won = next((r for r in rows if r["winner"]), None)
         lines.append(f"winner: {outcome.winner or 'none'} ({alias}; {outcome.reason})"
                      + (f"; cost: {training_cost(won)}" if won else ""))
+        if outcome.winner:
+            lines.append(f"chosen: {outcome.chosen}" + (f"; tied with {', '.join(outcome.tied)}" if outcome.tied else ""))
     return "\n".join(lines)
 
 
@@ -135,16 +157,17 @@ def _device_plot(ctx: RunContext, device: DeviceProfile, rows: list[dict], path:
 
 
 def winners_markdown(outcomes: list[Outcome], tables: dict[str, list[dict]]) -> str:
-    lines = ["| device | winner | method | runtime | precision | val_acc | p50 ms | peak MB | budget ms | training cost "
-             "| version | alias |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| device | winner | method | runtime | precision | val_acc | p50 ms [95% interval] | peak MB | budget ms "
+             "| training cost | version | alias | chosen because |", "|---" * 13 + "|"]
     for o in outcomes:
         row = next((r for r in tables.get(o.device, []) if r["winner"]), None)
         if row is None:
-            lines.append(f"| {o.device} | none | | | | | | | | | | {o.reason} |")
+            lines.append(f"| {o.device} | none | | | | | | | | | | {o.reason} | |")
             continue
         lines.append(f"| {o.device} | {o.winner} | {row['method']} | {row['runtime']} | {row['precision']} | "
-                     f"{row['val_acc']:.4f} | {row['p50_ms']:.3f} | {row['peak_mem_mb']:.1f} | "
-                     f"{row['budget_ms']:.3g} | {training_cost(row)} | v{o.version} | {'moved' if o.alias_moved else 'kept'}: {o.reason} |")
+                     f"{row['val_acc']:.4f} | {row['p50_ms']:.3f} {_interval(row)} | {row['peak_mem_mb']:.1f} | "
+                     f"{row['budget_ms']:g} | {training_cost(row)} | v{o.version} | "
+                     f"{'moved' if o.alias_moved else 'kept'}: {o.reason} | {o.chosen} |")
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from podium.tasks.common import DatasetRef, RunContext, load_data
 
 REPO = Path(__file__).resolve().parents[1]
 INT8_ACCURACY_BOUND = 0.03  # INT8 keeps the digits' validation accuracy within 3 points of FP32
-FAST = {"warmup": 1, "min_repeats": 3, "max_repeats": 3, "latency_budget_ms": 50.0}
+FAST = {"warmup": 1, "round_repeats": 1, "min_rounds": 3, "max_rounds": 3, "latency_budget_ms": 50.0}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def setup(tmp_path_factory):
 def test_int8_candidates_are_derived_measured_and_reused(setup, monkeypatch):
     import podium.tasks.quantize as quantize
     from podium.tasks.profile import profile_candidates
-    from podium.tasks.release import select_winner
+    from podium.tasks.release import choose_winner
 
     ctx, ref, data, candidates = setup
     ort = DeviceProfile(name="q-ort", runtime="onnxruntime", precisions=("fp32", "int8"), **FAST)
@@ -78,7 +78,7 @@ def test_int8_candidates_are_derived_measured_and_reused(setup, monkeypatch):
     assert any(n.op_type == "QuantizeLinear" for n in ort_graph.graph.node)  # a real QDQ INT8 graph
 
     # a device's winner comes from FP32 and INT8 alike; a device without int8 never sees derived members
-    assert select_winner(pool + derived, ort) is not None
+    assert choose_winner(pool + derived, ort, val_images=200).winner is not None
     assert all("q-fp32" not in m.offered_to for m in derived)
 
     # a rerun reuses every artifact and accuracy: nothing is exported or evaluated again

@@ -35,9 +35,11 @@ def test_device_plot_is_reused_only_for_the_same_drawing(tmp_path: Path, monkeyp
 
 
 def _row(**fields) -> dict:
-    return {"precision": "fp32", "parent": None, "p90_ms": fields.get("p50_ms"), "peak_mem_mb": 10.0,
-            "mem_budget_mb": 100.0, "runtime": "onnxruntime", "flops": 1.0, "budget_ms": 2.0, "train_images": None,
-            "train_device_s": None, "winner": False, "alias": "", **fields}
+    p50 = fields.get("p50_ms")
+    return {"precision": "fp32", "parent": None, "p90_ms": p50, "peak_mem_mb": 10.0, "p50_low_ms": 0.95 * p50,
+            "p50_high_ms": 1.05 * p50, "verdict": "within" if 1.05 * p50 <= 2.0 else "over", "noisy": False,
+            "interference": "", "mem_budget_mb": 100.0, "runtime": "onnxruntime", "flops": 1.0, "budget_ms": 2.0,
+            "train_images": None, "train_device_s": None, "winner": False, "alias": "", **fields}
 
 
 def test_the_winner_is_shown_with_what_it_cost_to_get_it() -> None:
@@ -51,6 +53,7 @@ def test_the_winner_is_shown_with_what_it_cost_to_get_it() -> None:
     assert "cost: 45.2k images, 61 device-s" in report.format_table(device, rows, outcome)
     table = report.winners_markdown([outcome], {"cpu": rows})
     assert "| 45.2k images, 61 device-s | v3 |" in table and "| onnxruntime | fp32 |" in table
+    assert "| 1.000 [0.950, 1.050] |" in table  # the median with its interval
     assert report.training_cost(rows[1]).startswith("anchor")
 
 
