@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
@@ -298,12 +298,17 @@ def measure(model: "nn.Module | None", input_shape: tuple[int, int, int], profil
 
 @dataclass(frozen=True)
 class Artifact:
-    """One exported model to measure in isolation: the runtime's main file and its input."""
+    """One model to measure in isolation: the runtime's main file and its input, or a recipe the
+    measuring process builds the module from (``build`` = ``"module:function"`` called with
+    ``build_args``; exported there for runtimes that do not run modules). A recipe suits what only
+    latency is wanted of (lookup-table layers, random-weight networks): nothing is exported here."""
 
     name: str
-    path: Path
+    path: Path | None
     input_shape: tuple[int, int, int]
     precision: str = "fp32"
+    build: str = ""
+    build_args: dict[str, Any] = field(default_factory=dict)
 
 
 def pinned_cores(profile: DeviceProfile) -> list[int]:
@@ -327,6 +332,8 @@ def measure_isolated(artifacts: list[Artifact], profile: DeviceProfile, memory: 
     runtime's own probe (its fresh process per model)."""
     if not artifacts:
         return {}
+    if memory and any(a.path is None for a in artifacts):
+        raise ValueError("peak memory is probed on an artifact file; a recipe is measured with memory=False")
     rt = get_runtime(profile.runtime)
     cores = pinned_cores(profile)
     threads = str(profile.threads)
@@ -335,8 +342,8 @@ def measure_isolated(artifacts: list[Artifact], profile: DeviceProfile, memory: 
         request, answer = Path(tmp) / "request.json", Path(tmp) / "answer.json"
         request.write_text(json.dumps({
             "device": profile.model_dump(mode="json"), "cores": cores, "answer": str(answer),
-            "artifacts": [{"name": a.name, "path": str(a.path), "input_shape": list(a.input_shape)}
-                          for a in artifacts]}))
+            "artifacts": [{"name": a.name, "path": str(a.path) if a.path else None, "input_shape": list(a.input_shape),
+                           "build": a.build, "build_args": a.build_args} for a in artifacts]}))
         done = subprocess.run([sys.executable, "-m", "podium.methods.profiling", str(request)], env=env,
                               capture_output=True, text=True, timeout=timeout_s)
         if done.returncode != 0 or not answer.exists():
@@ -368,6 +375,18 @@ def measure_against_budget(artifacts: list[Artifact], profile: DeviceProfile, me
     return stats
 
 
+def _source(item: dict[str, Any], rt: Any, shape: tuple[int, int, int], folder: Path) -> Any:
+    """What the runtime opens for one requested item: its file, or the module its recipe builds (exported
+    into ``folder`` for a runtime that runs only files)."""
+    if not item["build"]:
+        return Path(item["path"])
+    import importlib
+
+    module_name, function = item["build"].split(":")
+    model = getattr(importlib.import_module(module_name), function)(**item["build_args"]).eval()
+    return model if rt.runs_module else rt.export(model, shape, folder)
+
+
 def _isolated_main(request_path: str) -> None:
     """The dedicated process of :func:`measure_isolated`: pin first (threads started later inherit it)."""
     request = json.loads(Path(request_path).read_text())
@@ -380,19 +399,20 @@ def _isolated_main(request_path: str) -> None:
 
         torch.set_num_interop_threads(1)
     sessions, runs = [], {}
-    try:
-        for item in request["artifacts"]:
-            session = rt.open(Path(item["path"]), profile.threads)
-            sessions.append(session)
-            batch = np.random.default_rng(0).standard_normal((profile.batch_size, *item["input_shape"]),
-                                                             dtype=np.float32)
-            prepared = session.prepare(batch)
-            session.run(prepared)
-            runs[item["name"]] = (lambda s=session, p=prepared: s.run(p))
-        timings = time_in_rounds(runs, profile)
-    finally:
-        for session in reversed(sessions):
-            session.close()
+    with tempfile.TemporaryDirectory(prefix="podium-isolated-") as tmp:
+        try:
+            for i, item in enumerate(request["artifacts"]):
+                shape = tuple(item["input_shape"])
+                session = rt.open(_source(item, rt, shape, Path(tmp) / str(i)), profile.threads)
+                sessions.append(session)
+                batch = np.random.default_rng(0).standard_normal((profile.batch_size, *shape), dtype=np.float32)
+                prepared = session.prepare(batch)
+                session.run(prepared)
+                runs[item["name"]] = (lambda s=session, p=prepared: s.run(p))
+            timings = time_in_rounds(runs, profile)
+        finally:
+            for session in reversed(sessions):
+                session.close()
     Path(request["answer"]).write_text(json.dumps(timings))
 
 

@@ -294,3 +294,28 @@ def test_fit_and_search_end_to_end(digits, monkeypatch) -> None:
     assert list(space.candidates(tight)) == []
     reps = list(space.candidates())
     assert len(reps) == 3 and reps[0].metrics["flops"] > reps[-1].metrics["flops"]
+
+
+def test_the_lookup_table_holds_every_layer_a_sub_network_runs_measured_in_one_pinned_process():
+    """The table enumerates the space's layer configurations up front (no search can ask for one it
+    lacks) and measures them together, isolated; calibration networks are measured the same way."""
+    import random
+
+    from podium.methods.shrinking.latency import LatencyTable
+
+    supernet = OFASupernet(TINY, 1, 10)
+    space = OpenSpace.full(TINY)
+    every = supernet.all_layer_specs(space)
+    rng = random.Random(0)
+    for _ in range(200):
+        assert set(supernet.layer_specs(space.sample(len(TINY.unit_widths), rng))) <= every
+    device = DeviceProfile(name="t", runtime="onnxruntime", latency_budget_ms=100, warmup=1, round_repeats=2,
+                           min_rounds=3, max_rounds=3)
+    table = LatencyTable(supernet, device, TINY, space)
+    small, large = space.uniform(len(TINY.unit_widths), "min"), space.uniform(len(TINY.unit_widths), "max")
+    assert table.table_sum(small) < table.table_sum(large)  # one read measured the whole space
+    assert set(table.table) == every and all(v > 0 for v in table.table.values())
+    measured = table.measure_archs([small, large])
+    assert 0 < measured[0] < measured[1]
+    table.calibrate([small, large])
+    assert table.predict(large) > table.predict(small) > 0

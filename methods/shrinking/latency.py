@@ -1,16 +1,21 @@
-"""Per-device latency lookup table: layer configurations measured on the device's runtime."""
+"""Per-device latency lookup table: layer configurations measured on the device's runtime, the way the
+pipeline measures candidates (one pinned process, interleaved rounds:
+:func:`~podium.methods.profiling.measure_isolated`)."""
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from torch import nn
 
-from podium.methods.profiling import DeviceProfile, measure
+from podium.methods.profiling import Artifact, DeviceProfile, measure_isolated
 from podium.methods.shrinking.blocks import MBConv
 from podium.methods.shrinking.config import ShrinkingConfig
-from podium.methods.shrinking.space import Arch
-from podium.methods.shrinking.supernet import OFASupernet, _head, _stem
+from podium.methods.shrinking.space import Arch, OpenSpace, _as_arch
+from podium.methods.shrinking.supernet import OFASupernet, _head, _stem, extract_subnet
 
 
 def _module_for_spec(spec: tuple, cfg: ShrinkingConfig) -> tuple[nn.Module, tuple[int, int, int]]:
@@ -26,23 +31,54 @@ def _module_for_spec(spec: tuple, cfg: ShrinkingConfig) -> tuple[nn.Module, tupl
     return MBConv(in_ch, out_ch, mid, k, stride, act, red), (in_ch, size, size)
 
 
-class LatencyTable:
-    """Per-device latency lookup table: each distinct layer configuration is measured once on the
-    device's runtime (threads/batch from its profile), lazily, and a network's latency is the sum
-    of its layers' entries."""
+@functools.lru_cache(maxsize=4)
+def _random_supernet(cfg_json: str, in_chans: int, num_classes: int) -> OFASupernet:
+    torch.manual_seed(0)
+    return OFASupernet(ShrinkingConfig.model_validate_json(cfg_json), in_chans, num_classes).eval()
 
-    def __init__(self, supernet: OFASupernet, device: DeviceProfile, cfg: ShrinkingConfig) -> None:
+
+def timing_module(cfg: dict[str, Any], in_chans: int, num_classes: int, spec: list | None = None,
+                  arch: dict[str, Any] | None = None) -> nn.Module:
+    """The module to time for one lookup-table ``spec``, or a whole sub-network ``arch`` extracted from a
+    randomly initialised supernet (latency depends on shapes, not weights). Built inside the measuring
+    process: the recipe of an :class:`~podium.methods.profiling.Artifact`."""
+    config = ShrinkingConfig.model_validate(cfg)
+    if spec is not None:
+        return _module_for_spec(tuple(spec), config)[0].eval()
+    supernet = _random_supernet(json.dumps(cfg, sort_keys=True), in_chans, num_classes)
+    return extract_subnet(supernet, _as_arch(arch)).eval()
+
+
+class LatencyTable:
+    """Per-device latency lookup table: every layer configuration the search space can run, measured on
+    the device's runtime (threads/batch from its profile) in one isolated process the first time the
+    table is read; a network's latency is the sum of its layers' entries, corrected by :meth:`calibrate`."""
+
+    def __init__(self, supernet: OFASupernet, device: DeviceProfile, cfg: ShrinkingConfig,
+                 space: OpenSpace | None = None) -> None:
         self.supernet, self.device, self.cfg = supernet, device, cfg
+        self.space = space or OpenSpace.full(cfg)
         self.profile = device.model_copy(update={"warmup": cfg.lut_warmup, "round_repeats": cfg.lut_repeats,
-                                                 "min_rounds": 3, "max_rounds": 3, "max_seconds": cfg.lut_max_seconds})
+                                                 "max_seconds": cfg.lut_max_seconds})
         self.table: dict[tuple, float] = {}
         self.scale, self.offset = 1.0, 0.0  # whole-network correction, see calibrate()
 
+    def _recipe(self, name: str, shape: tuple[int, int, int], **what: Any) -> Artifact:
+        return Artifact(name, None, shape, build="podium.methods.shrinking.latency:timing_module",
+                        build_args={"cfg": self.cfg.model_dump(mode="json"), "in_chans": self.supernet.in_chans,
+                                    "num_classes": self.supernet.num_classes, **what})
+
+    def measure_specs(self, specs: Sequence[tuple]) -> None:
+        """Measure ``specs`` (those not in the table yet) together, interleaved, in one pinned process."""
+        todo = sorted({s for s in specs if s not in self.table}, key=repr)
+        items = [self._recipe(str(i), _module_for_spec(s, self.cfg)[1], spec=list(s)) for i, s in enumerate(todo)]
+        for i, stats in measure_isolated(items, self.profile, memory=False).items():
+            self.table[todo[int(i)]] = stats.p50_ms
+
     def entry_ms(self, spec: tuple) -> float:
-        """One layer configuration measured on the device's runtime, through the one profiler."""
+        """One layer configuration's p50; the first read measures every entry of the space at once."""
         if spec not in self.table:
-            module, shape = _module_for_spec(spec, self.cfg)
-            self.table[spec] = measure(module.eval(), shape, self.profile, memory=False).p50_ms
+            self.measure_specs([*self.supernet.all_layer_specs(self.space), spec])
         return self.table[spec]
 
     def table_sum(self, arch: Arch | dict[str, Any]) -> float:
@@ -51,13 +87,20 @@ class LatencyTable:
     def predict(self, arch: Arch | dict[str, Any]) -> float:
         return self.scale * self.table_sum(arch) + self.offset
 
-    def calibrate(self, archs: Sequence[Arch], measured_ms: Sequence[float]) -> None:
-        """Fit measured = scale * table_sum + offset on a few whole networks.
+    def measure_archs(self, archs: Sequence[Arch]) -> list[float]:
+        """Whole sub-networks' p50 (random weights, the archs' shapes), measured the same isolated way."""
+        items = [self._recipe(str(i), (self.supernet.in_chans, a.resolution, a.resolution), arch=a.to_dict())
+                 for i, a in enumerate(archs)]
+        stats = measure_isolated(items, self.profile, memory=False)
+        return [stats[str(i)].p50_ms for i in range(len(archs))]
+
+    def calibrate(self, archs: Sequence[Arch], measured_ms: Sequence[float] | None = None) -> None:
+        """Fit measured = scale * table_sum + offset on a few whole networks (measured here unless given).
 
         Summed per-layer timings miss the per-network overhead (framework dispatch, memory
         traffic between layers), so the raw sum reads low by a roughly constant share."""
+        measured = np.asarray(self.measure_archs(archs) if measured_ms is None else measured_ms, dtype=float)
         sums = np.array([self.table_sum(a) for a in archs])
-        measured = np.asarray(measured_ms, dtype=float)
         if len(sums) >= 2 and np.ptp(sums) > 1e-9:
             self.scale, self.offset = (float(v) for v in np.polyfit(sums, measured, 1))
         elif len(sums):

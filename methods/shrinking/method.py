@@ -18,7 +18,7 @@ from podium.methods.catalog import register_method
 from podium.methods.complexity import count
 from podium.methods.data import DataBundle
 from podium.methods.losses import soft_target_ce
-from podium.methods.profiling import DeviceProfile, LatencyStats, measure
+from podium.methods.profiling import DeviceProfile
 from podium.methods.shrinking.config import PhaseConfig, ShrinkingConfig, describe_space
 from podium.methods.shrinking.latency import LatencyTable
 from podium.methods.shrinking.predictor import AccuracyPredictor, encode_arch, train_accuracy_predictor
@@ -199,33 +199,27 @@ class ShrinkSpace(CandidateSpace):
 
     # per-device search ----------------------------------------------------------------------
     def latency_table(self, device: DeviceProfile) -> LatencyTable:
+        """The device's lookup table, calibrated on the space's largest, middle and smallest networks."""
         if device.name not in self.latency_tables:
-            table = LatencyTable(self.supernet, device, self.cfg)
-            anchors = [self.space.uniform(self.units, w) for w in ("max", "mid", "min")]
-            table.calibrate(anchors, [self.measure_arch(a, device).p50_ms for a in anchors])
+            table = LatencyTable(self.supernet, device, self.cfg, self.space)
+            table.calibrate(self.calibration_archs())
             self.latency_tables[device.name] = table
         return self.latency_tables[device.name]
 
-    def measure_arch(self, arch: Arch, device: DeviceProfile, net: nn.Module | None = None) -> LatencyStats:
-        """Real latency of a whole extracted sub-network on the device's runtime."""
-        net = net if net is not None else extract_subnet(self.supernet, arch).eval()
-        return measure(net, (self.supernet.in_chans, arch.resolution, arch.resolution), device, memory=False)
+    def calibration_archs(self) -> list[Arch]:
+        return [self.space.uniform(self.units, w) for w in ("max", "mid", "min")]
 
     def search(self, device: DeviceProfile) -> list[SearchResult]:
         table = self.latency_table(device)
         return evolutionary_search(self.space, self.units, self.predict_acc, table.predict,
                                    device.latency_budget_ms, self.cfg.evolution, self.cfg.seed)
 
-    def make_candidate(self, arch: Arch, device: DeviceProfile | None = None,
-                       extra: dict[str, float] | None = None) -> Candidate:
-        """Extract, recalibrate BN, evaluate on val, count complexity, and (for a device) measure."""
+    def make_candidate(self, arch: Arch, extra: dict[str, float] | None = None) -> Candidate:
+        """Extract, recalibrate BN, evaluate on val and count complexity (``extra``: what the search knew)."""
         net = self.subnet(arch)
         size = (arch.resolution, arch.resolution)
         metrics: dict[str, float] = {"val_acc": evaluate(net, self.data.eval_loader("val", size))}
         metrics.update({k: float(v) for k, v in count(net, size, self.supernet.in_chans).as_dict().items()})
-        if device is not None:
-            stats = self.measure_arch(arch, device, net)
-            metrics.update(p50_ms=stats.p50_ms, p90_ms=stats.p90_ms, latency_budget_ms=device.latency_budget_ms)
         metrics.update(extra or {})
         return Candidate(name=arch.name, method=Shrinking.name, config=arch.to_dict(), model=net,
                          input_size=size, metrics=metrics, in_chans=self.supernet.in_chans)
@@ -241,11 +235,13 @@ class ShrinkSpace(CandidateSpace):
             else:
                 results = self.search(device)[: self.cfg.top_k]
                 table = self.latency_table(device)
+                measured = table.measure_archs([r.arch for r in results])  # the predictor's check, logged
                 self._cache[key] = [
-                    self.make_candidate(r.arch, device, {"predicted_acc": r.predicted_acc,
-                                                         "predicted_latency_ms": r.predicted_latency_ms,
-                                                         "lut_entries": float(len(table.table))})
-                    for r in results]
+                    self.make_candidate(r.arch, {"predicted_acc": r.predicted_acc,
+                                                 "predicted_latency_ms": r.predicted_latency_ms, "p50_ms": p50,
+                                                 "latency_budget_ms": device.latency_budget_ms,
+                                                 "lut_entries": float(len(table.table))})
+                    for r, p50 in zip(results, measured)]
                 for c in self._cache[key]:
                     log.info("%s on %s: val %.3f, predicted %.2f ms, measured p50 %.2f ms (budget %.2f)", c.name,
                              device.name, c.metrics["val_acc"], c.metrics["predicted_latency_ms"],

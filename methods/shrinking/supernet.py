@@ -94,6 +94,27 @@ class OFASupernet(nn.Module):
                       self.num_classes, size))
         return specs
 
+    def all_layer_specs(self, space: OpenSpace) -> set[tuple]:
+        """Every lookup key a sub-network of ``space`` can run (:meth:`layer_specs` of any arch in it is a
+        subset): each block with every kernel and expand ratio, at every input size it can be entered with."""
+        cfg = self.cfg
+        specs: set[tuple] = set()
+        for resolution in space.resolutions:
+            specs.add(("stem", self.in_chans, cfg.stem_width, cfg.first_block_width, cfg.stem_stride, resolution))
+            sizes = {conv_out(resolution, cfg.stem_stride)}
+            for unit in self.units:
+                after: set[int] = set()
+                for depth in space.depths:
+                    for size in sizes:
+                        for block in unit[:depth]:
+                            specs.update(block.spec(k, e) + (size,) for k in space.kernels for e in space.expands)
+                            size = conv_out(size, block.stride)
+                        after.add(size)
+                sizes = after
+            specs.update(("head", cfg.unit_widths[-1], cfg.head_width, cfg.feature_width, self.num_classes, size)
+                         for size in sizes)
+        return specs
+
 
 @torch.no_grad()
 def extract_subnet(supernet: OFASupernet, arch: Arch | dict[str, Any]) -> OFASubnet:
