@@ -13,9 +13,9 @@ import torch
 from podium.methods.families import build
 from podium.methods.runtimes import RUNTIMES, available_runtimes, get_runtime
 
-# ExecuTorch's C++ runtime (one process-wide XNNPACK threadpool, resized "unsafely") once crashed the
-# whole suite's process here (SIGSEGV, after ~280 tests, not reproduced in a shorter process): its cases
-# run in a fresh interpreter of their own (test_executorch_in_a_fresh_process).
+# ExecuTorch's C++ runtime has one process-wide XNNPACK threadpool, resized "unsafely": its cases run in
+# a fresh interpreter of their own (test_executorch_in_a_fresh_process). (The SIGSEGV that once killed the
+# suite's process around here was OpenVINO's signal stack: see test_an_openvino_session_freed_by_another_...)
 ISOLATED = os.environ.get("PODIUM_TEST_ISOLATED") == "executorch"
 RUNTIMES_HERE = ["executorch"] if ISOLATED else [n for n in available_runtimes() if n != "executorch"]
 
@@ -140,3 +140,32 @@ def test_gpu_runtimes_say_they_are_unavailable_without_a_gpu():
         pytest.skip("a GPU is present")
     for name in ("onnxruntime-cuda", "onnxruntime-tensorrt"):
         assert not get_runtime(name).available()
+
+
+OPENVINO_FREED_ELSEWHERE = r"""
+import gc, os, signal, sys, tempfile, threading
+from pathlib import Path
+import numpy as np
+from podium.methods.families import build
+from podium.methods.runtimes import get_runtime
+rt = get_runtime("openvino")
+artifact = rt.export(build({TINY!r}, 10, 1).eval(), {SHAPE!r}, Path(tempfile.mkdtemp()))
+held = {{"session": rt.open(artifact, 1)}}
+held["session"].predict(np.zeros((1, *{SHAPE!r}), np.float32))
+freer = threading.Thread(target=held.clear)  # never closed: the last reference goes in another thread
+freer.start(); freer.join(); gc.collect()
+signal.signal(signal.SIGUSR1, lambda *_: print("handled"))
+os.kill(os.getpid(), signal.SIGUSR1)
+print("alive")
+"""
+
+
+@pytest.mark.skipif("openvino" not in RUNTIMES_HERE, reason="openvino is not installed here")
+def test_an_openvino_session_freed_by_another_thread_leaves_signals_deliverable():
+    """OpenVINO's CPU plugin swaps in its own alternate signal stack and unmaps it when the model is
+    freed; the opening thread's next signal then killed the whole test process (SIGSEGV)."""
+    script = OPENVINO_FREED_ELSEWHERE.format(TINY=TINY, SHAPE=SHAPE)
+    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["handled", "alive"], \
+        (done.returncode, done.stderr[-2000:])
