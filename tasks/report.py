@@ -78,7 +78,7 @@ def format_table(device: DeviceProfile, rows: list[dict], outcome: Outcome | Non
         mark += " (tie)" if r.get("tied") else ""
         mark += " noisy" if r["noisy"] else ""
         lines.append(f"{r['candidate'][:46]:<46} {r['method']:<12} {r['precision']:<5} {r['val_acc']:>7.4f} {p50:>8} "
-                     f"{_interval(r):>17} {p90:>8} {mem:>8} {r['budget_ms']:>7.3g}  {mark}")
+                     f"{_interval(r):>17} {p90:>8} {mem:>8} {r['budget_ms']:>7g}  {mark}")
     lines += precision_lines(rows)
     noisy = [r for r in rows if r["noisy"]]
     if noisy:
