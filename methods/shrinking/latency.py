@@ -61,7 +61,7 @@ class LatencyTable:
         self.profile = device.model_copy(update={"warmup": cfg.lut_warmup, "round_repeats": cfg.lut_repeats,
                                                  "max_seconds": cfg.lut_max_seconds})
         self.table: dict[tuple, float] = {}
-        self.scale, self.offset = 1.0, 0.0  # whole-network correction, see calibrate()
+        self.scale, self.per_layer, self.offset = 1.0, 0.0, 0.0  # whole-network correction, see calibrate()
 
     def _recipe(self, name: str, shape: tuple[int, int, int], **what: Any) -> Artifact:
         return Artifact(name, None, shape, build="podium.methods.shrinking.latency:timing_module",
@@ -85,7 +85,7 @@ class LatencyTable:
         return float(sum(self.entry_ms(spec) for spec in self.supernet.layer_specs(arch)))
 
     def predict(self, arch: Arch | dict[str, Any]) -> float:
-        return self.scale * self.table_sum(arch) + self.offset
+        return self.scale * self.table_sum(arch) + self.per_layer * len(self.supernet.layer_specs(arch)) + self.offset
 
     def measure_archs(self, archs: Sequence[Arch]) -> list[float]:
         """Whole sub-networks' p50 (random weights, the archs' shapes), measured the same isolated way."""
@@ -95,13 +95,19 @@ class LatencyTable:
         return [stats[str(i)].p50_ms for i in range(len(archs))]
 
     def calibrate(self, archs: Sequence[Arch], measured_ms: Sequence[float] | None = None) -> None:
-        """Fit measured = scale * table_sum + offset on a few whole networks (measured here unless given).
+        """Fit measured = scale * table_sum + per_layer * layers + offset on whole networks (measured here
+        unless given): least squares with four or more, the first two terms with fewer.
 
-        Summed per-layer timings miss the per-network overhead (framework dispatch, memory
-        traffic between layers), so the raw sum reads low by a roughly constant share."""
+        Each entry's timing carries one call's fixed cost that the whole network pays once per op instead
+        (``per_layer``), and the network adds its own dispatch and memory traffic (``offset``)."""
         measured = np.asarray(self.measure_archs(archs) if measured_ms is None else measured_ms, dtype=float)
         sums = np.array([self.table_sum(a) for a in archs])
-        if len(sums) >= 2 and np.ptp(sums) > 1e-9:
+        layers = np.array([len(self.supernet.layer_specs(a)) for a in archs], dtype=float)
+        if len(sums) >= 4 and np.ptp(sums) > 1e-9 and np.ptp(layers) > 0:
+            features = np.stack([sums, layers, np.ones_like(sums)], axis=1)
+            self.scale, self.per_layer, self.offset = (float(v) for v in np.linalg.lstsq(features, measured,
+                                                                                        rcond=None)[0])
+        elif len(sums) >= 2 and np.ptp(sums) > 1e-9:
             self.scale, self.offset = (float(v) for v in np.polyfit(sums, measured, 1))
         elif len(sums):
             self.scale = float(measured.mean() / max(sums.mean(), 1e-9))

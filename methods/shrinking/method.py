@@ -199,15 +199,19 @@ class ShrinkSpace(CandidateSpace):
 
     # per-device search ----------------------------------------------------------------------
     def latency_table(self, device: DeviceProfile) -> LatencyTable:
-        """The device's lookup table, calibrated on the space's largest, middle and smallest networks."""
+        """The device's lookup table, calibrated on :meth:`calibration_archs`."""
         if device.name not in self.latency_tables:
             table = LatencyTable(self.supernet, device, self.cfg, self.space)
             table.calibrate(self.calibration_archs())
             self.latency_tables[device.name] = table
         return self.latency_tables[device.name]
 
-    def calibration_archs(self) -> list[Arch]:
-        return [self.space.uniform(self.units, w) for w in ("max", "mid", "min")]
+    def calibration_archs(self, random_archs: int = 5) -> list[Arch]:
+        """The whole networks the lookup table is calibrated on: the largest, middle and smallest, and a
+        few random ones (seeded) so the layer count varies independently of the summed latency."""
+        rng = random.Random(self.cfg.seed)
+        return ([self.space.uniform(self.units, w) for w in ("max", "mid", "min")]
+                + [self.space.sample(self.units, rng) for _ in range(random_archs)])
 
     def search(self, device: DeviceProfile) -> list[SearchResult]:
         table = self.latency_table(device)
