@@ -58,7 +58,10 @@ class LatencyTable:
                  space: OpenSpace | None = None) -> None:
         self.supernet, self.device, self.cfg = supernet, device, cfg
         self.space = space or OpenSpace.full(cfg)
+        # 3-10 rounds: a table of 140 layers in one process must stay within a minute even on a device
+        # whose rounds are all disturbed (2 threads on 2 cores), where nothing ever settles
         self.profile = device.model_copy(update={"warmup": cfg.lut_warmup, "round_repeats": cfg.lut_repeats,
+                                                 "min_rounds": 3, "max_rounds": 10,
                                                  "max_seconds": cfg.lut_max_seconds})
         self.table: dict[tuple, float] = {}
         self.scale, self.per_layer, self.offset = 1.0, 0.0, 0.0  # whole-network correction, see calibrate()
