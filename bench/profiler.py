@@ -50,6 +50,15 @@ def load_average() -> str:
         return "n/a"
 
 
+def idle_then_loaded(run_condition) -> None:
+    """``run_condition("idle")``, then ``run_condition("load")`` beside :func:`background_load`."""
+    run_condition("idle")
+    with background_load() as busy:
+        print(f"background load: pid {busy.pid} (unpinned busy loop); load average {load_average()}", flush=True)
+        run_condition("load")
+    print(f"background load stopped; load average {load_average()}")
+
+
 @contextlib.contextmanager
 def background_load(settle_s: float = 1.0) -> Iterator[subprocess.Popen]:
     """One unpinned busy process (one core's worth of work) for the duration of the block, always killed."""
@@ -153,11 +162,7 @@ def main() -> None:
                             else row["error"])
                     print(f"  {condition} {runtime} {threads}t: {done}", flush=True)
 
-        run_condition("idle")
-        with background_load() as load:
-            print(f"background load: pid {load.pid} (unpinned busy loop); load average {load_average()}", flush=True)
-            run_condition("load")
-        print(f"background load stopped; load average {load_average()}")
+        idle_then_loaded(run_condition)
 
     width = max([len("p50 per run (ms)")] + [len(" ".join(f"{p:.3f}" for p in r["p50"])) for r in rows.values()
                                                if "error" not in r])

@@ -61,7 +61,7 @@ from podium.tasks.release import Choice, choose_winner
 
 # isort: split
 # beside this file: bench/profiler.py's background load, bench/runtimes.py's digits loader
-from profiler import background_load, exit_on_sigterm, load_average
+from profiler import exit_on_sigterm, idle_then_loaded, load_average
 from runtimes import load
 
 
@@ -244,11 +244,7 @@ def main() -> None:
                 results[(device.name, condition)].append(out)
                 print(f"  {condition} run {index} {device.name}: {out.label()} ({out.seconds:.0f} s)", flush=True)
 
-    run_condition("idle")
-    with background_load() as busy:
-        print(f"background load: pid {busy.pid} (unpinned busy loop); load average {load_average()}", flush=True)
-        run_condition("load")
-    print(f"background load stopped; load average {load_average()}")
+    idle_then_loaded(run_condition)
 
     for device in devices:
         print(f"\n{device.name} ({device.runtime}, {device.threads} thread(s), batch {device.batch_size}, "
