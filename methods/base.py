@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence
 
 from pydantic import BaseModel, ConfigDict
 from torch import nn
@@ -75,6 +77,10 @@ class Candidate:
         return (self.in_chans, *self.input_size)
 
 
+# Loads the weights stored under a name into a module built for them (strictly) and returns the module.
+LoadWeights = Callable[[str, nn.Module], nn.Module]
+
+
 class CandidateSpace(ABC):
     """What ``Method.fit`` returns. ``candidates(device)`` yields a finite set for that device.
 
@@ -82,12 +88,39 @@ class CandidateSpace(ABC):
     too large to enumerate search per device and yield the top few. ``report`` (numbers and small
     JSON) and ``tables`` (rows the run report logs and plots) are optional. ``training_cost`` is set by
     :func:`podium.methods.train.fit_method` (a :class:`~podium.methods.train.TrainingCost`).
+
+    A space is saved as data (:meth:`save`, :func:`podium.methods.space_store.load_space`): each method
+    says in :meth:`to_record` what rebuilds its modules through its own builders, and rebuilds them in
+    :meth:`from_record`; no pickle is ever written or read.
     """
 
     training_cost: Any = None
 
     @abstractmethod
     def candidates(self, device: Any = None) -> Iterable[Candidate]: ...
+
+    def to_record(self) -> tuple[dict[str, Any], dict[str, nn.Module]]:
+        """A JSON-able record that rebuilds the space (architectures, configs, metrics, names) and the
+        modules whose weights it needs, by name (names without ``/``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be saved")
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], weights: LoadWeights, data: DataBundle) -> CandidateSpace:
+        """The space :meth:`to_record` described: every module built from the record, then ``weights``
+        loaded into it. ``data`` is the dataset the space was trained on (spaces that measure or search
+        after training read it)."""
+        raise NotImplementedError(f"{cls.__name__} cannot be loaded")
+
+    def candidate_module(self, name: str, config: dict[str, Any]) -> nn.Module:
+        """The module of this space's candidate ``name`` with ``config``, built but not holding its
+        own weights yet (a saved offer loads them into it)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot rebuild candidates")
+
+    def save(self, folder: Path | str, key: str = "") -> Path:
+        """Write the space to ``folder`` (safetensors + JSON, verified on load); ``key`` names what it is."""
+        from podium.methods.space_store import save_space
+
+        return save_space(self, folder, key)
 
     def report(self) -> dict[str, Any]:
         return {}
@@ -105,6 +138,7 @@ class Method(ABC):
     """
 
     name: str = ""
+    space_type: ClassVar[type[CandidateSpace]]  # what ``fit`` returns; loads saved spaces of this method
 
     @abstractmethod
     def fit(self, data: "DataBundle", anchors: Sequence[Anchor] = (), teacher: Anchor | None = None

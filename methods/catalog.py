@@ -7,7 +7,8 @@ catalogue; nothing imports a method by name.
 
 A registered method class is built from its config (``Method(cfg)``) and its ``fit(data, anchors,
 teacher)`` returns a :class:`~podium.methods.base.CandidateSpace`. ``describe(cfg, shape, anchors)``
-lists its space without training, as rows of plain values.
+lists its space without training, as rows of plain values. ``Method.space_type`` is the space class
+``fit`` returns: saved spaces are loaded back through it (:func:`space_method` finds a space's method).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from podium.files import files_digest
-from podium.methods.base import AnchorSpec, DataShape, StrictModel
+from podium.methods.base import AnchorSpec, CandidateSpace, DataShape, StrictModel
 
 Describe = Callable[[Any, DataShape, Sequence[AnchorSpec]], list[dict[str, Any]]]
 
@@ -88,3 +89,12 @@ def config_class(name: str) -> type[StrictModel]:
 
 def method_class(name: str) -> type:
     return get_method(name).method
+
+
+def space_method(space: CandidateSpace) -> MethodEntry:
+    """The method whose ``fit`` returns spaces of ``space``'s class."""
+    _discover()
+    for entry in METHODS.values():
+        if getattr(entry.method, "space_type", None) is type(space):
+            return entry
+    raise KeyError(f"no registered method returns a {type(space).__name__}")

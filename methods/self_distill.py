@@ -50,7 +50,7 @@ from pydantic import Field
 from timm.models import FeatureListNet
 from torch import nn
 
-from podium.methods.base import Anchor, AnchorSpec, Candidate, CandidateSpace, DataShape, Method
+from podium.methods.base import Anchor, AnchorSpec, Candidate, CandidateSpace, DataShape, LoadWeights, Method
 from podium.methods.catalog import register_method
 from podium.methods.complexity import count
 from podium.methods.data import DataBundle
@@ -580,6 +580,30 @@ class SelfDistillSpace(CandidateSpace):
         self._report = report
         return dict(report)
 
+    def to_record(self) -> tuple[dict[str, Any], dict[str, nn.Module]]:
+        """The config that builds the backbone, the input spec's size and the report (its latencies were
+        measured once; a loaded space reports them as they were)."""
+        spec = self.data.input_spec
+        record = {"cfg": self.cfg.model_dump(mode="json"), "num_classes": self.data.num_classes,
+                  "in_chans": spec.channels, "report": self.report(), "baseline": self.baseline is not None}
+        modules = {"model": self.model, **({"baseline": self.baseline} if self.baseline is not None else {})}
+        return record, modules
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], weights: LoadWeights, data: DataBundle) -> SelfDistillSpace:
+        cfg = SelfDistillConfig.model_validate(record["cfg"])
+        num_classes, in_chans = record["num_classes"], record["in_chans"]
+        model = weights("model", MultiExitNet(build(cfg.backbone, num_classes, in_chans), num_classes)).eval()
+        baseline = None
+        if record.get("baseline", False):
+            baseline = weights("baseline", build(cfg.backbone, num_classes, in_chans)).eval()
+        space = cls(model, cfg, data, baseline)
+        space._report = dict(record["report"])
+        return space
+
+    def candidate_module(self, name: str, config: dict[str, Any]) -> nn.Module:
+        return self.exit_model(int(config["exit"]) - 1)
+
 
 def describe(cfg: SelfDistillConfig, shape: DataShape, anchors: Sequence[AnchorSpec]) -> list[dict[str, Any]]:
     return [describe_space(cfg, shape.num_classes, shape.channels)]
@@ -590,6 +614,7 @@ class SelfDistill(Method):
     """Be Your Own Teacher: train a multi-exit backbone with self-distillation; exits are candidates."""
 
     name = "self_distill"
+    space_type = SelfDistillSpace
 
     def __init__(self, cfg: SelfDistillConfig | None = None) -> None:
         self.cfg = cfg or SelfDistillConfig()

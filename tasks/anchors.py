@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from podium.config import AnchorConfig, TeacherConfig
@@ -175,7 +176,8 @@ def anchor_candidate(anchor: Anchor, data: DataBundle) -> Candidate:
                      in_chans=data.input_spec.channels)
 
 
-@task(name="acquire-anchors", **TRANSIENT_RETRIES)
+# never persisted (models are not data): PREFECT_RESULTS_PERSIST_BY_DEFAULT must not make this a pickle on disk
+@task(name="acquire-anchors", cache_policy=NO_CACHE, persist_result=False, **TRANSIENT_RETRIES)
 def acquire_anchors(ctx: RunContext, ref: DatasetRef) -> tuple[list[Anchor], Anchor, list[Candidate]]:
     """Resolve every configured anchor; returns (anchors small→large, teacher, anchors as candidates)."""
     data = load_data(ctx, ref)

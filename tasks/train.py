@@ -6,18 +6,25 @@ Both are cached across runs on the method's *training key* (:func:`training_keys
 the method's config, the anchors' weights, the teacher, and the source of the method and of the
 shared training code, so unchanged inputs never retrain or re-search. The flow computes the keys
 once per run and hands each task its own.
+
+The cache is Podium's own and holds data, never pickles (:mod:`podium.methods.space_store`): a
+trained space under ``<cache_dir>/spaces/<training key>/``, its offers under ``<cache_dir>/offers/<offer
+key>/``, each safetensors plus a JSON record verified before use. Prefect persists nothing of these
+tasks (``persist_result=False``): a file planted in its result storage is never read.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from prefect import task
-from prefect.context import TaskRunContext
+from prefect.cache_policies import NO_CACHE
 
 from podium.errors import first_line
 from podium.methods import base as methods_base
@@ -27,6 +34,7 @@ from podium.methods.catalog import get_method
 from podium.methods.checkpoint import training_env
 from podium.methods.families import FAMILIES
 from podium.methods.profiling import DeviceProfile
+from podium.methods.space_store import RECORD, UnusableRecord, load_offers, load_space, save_offers
 from podium.methods.train import fit_method
 from podium.tasks.common import (
     TRANSIENT_RETRIES,
@@ -58,13 +66,36 @@ def training_keys(ctx: RunContext, ref: DatasetRef, anchors: list[Anchor], teach
     return keys
 
 
-def _train_cache_key(_context: TaskRunContext, params: dict[str, Any]) -> str:
-    return f"train-{params['key']}"
+def offer_key(key: str, devices: list[DeviceProfile]) -> str:
+    """What a space offers depends on its training and on every device it searched for."""
+    described = json.dumps([d.model_dump(mode="json") for d in devices], sort_keys=True)
+    return f"{key}-" + hashlib.sha256(described.encode()).hexdigest()[:16]
 
 
-def _offer_cache_key(_context: TaskRunContext, params: dict[str, Any]) -> str:
-    devices = json.dumps([d.model_dump(mode="json") for d in params["devices"]], sort_keys=True)
-    return f"offer-{params['key']}-" + hashlib.sha256(devices.encode()).hexdigest()[:16]
+T = TypeVar("T")
+
+
+def _reuse(what: str, folder: Path, load: Callable[[], T]) -> T | None:
+    """``load()`` of a saved result when ``folder`` holds one; None (recompute) when it holds none or
+    one that fails verification (one warning line)."""
+    if not (folder / RECORD).exists():
+        return None
+    try:
+        return load()
+    except UnusableRecord as exc:
+        log.warning("%s: cached result in %s not used, computing it again: %s", what, folder, exc)
+        return None
+
+
+def _keep(what: str, folder: Path, save: Callable[[], Path]) -> bool:
+    """Save a result to the cache; a failure costs the reuse, not the run (one warning line)."""
+    try:
+        save()
+    except (OSError, ValueError, NotImplementedError) as exc:
+        log.warning("%s: result not cached in %s: %s", what, folder, exc)
+        return False
+    log.info("%s: cached in %s", what, folder)
+    return True
 
 
 def _flat_numbers(report: dict, prefix: str = "") -> dict[str, float]:
@@ -77,14 +108,21 @@ def _flat_numbers(report: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-@task(name="train-method", task_run_name="train-{method}", cache_key_fn=_train_cache_key, persist_result=True,
+# cache_policy=NO_CACHE, persist_result=False: reuse is Podium's own (safetensors + JSON), never a pickle
+@task(name="train-method", task_run_name="train-{method}", cache_policy=NO_CACHE, persist_result=False,
       **TRANSIENT_RETRIES)
 def train_method(ctx: RunContext, ref: DatasetRef, method: str, anchors: list[Anchor],
-                 teacher: Anchor | None, key: str) -> CandidateSpace:
-    """Fit ``method`` on the data (and the anchors/teacher where it uses them); returns its space.
+                 teacher: Anchor | None, key: str) -> tuple[CandidateSpace, bool]:
+    """Fit ``method`` on the data (and the anchors/teacher where it uses them); returns its space and
+    whether it was reused from the cache (``<cache_dir>/spaces/<key>/``) instead.
 
     Trainings checkpoint to the run's store under ``key``: a re-run after a crash resumes them, and
     only an identical training (same key) does."""
+    folder = ctx.cache_path / "spaces" / key
+    cached = _reuse(method, folder, lambda: load_space(folder, load_data(ctx, ref), key))
+    if cached is not None:
+        log.info("%s: reused the trained space in %s", method, folder)
+        return cached, True
     env, checkpoints = training_env_for(ctx, key)
     if ctx.cfg.runtime.processes > 1:
         space = fit_distributed(ctx, ref, method, anchors, teacher, key)
@@ -100,19 +138,28 @@ def train_method(ctx: RunContext, ref: DatasetRef, method: str, anchors: list[An
     if report:
         ctx.registry.log_dict(ctx.run_id, report, f"methods/{method}/report.json")
         ctx.registry.log_metrics(ctx.run_id, _flat_numbers(report), prefix=f"{method}.")
-    checkpoints.clear()  # from here on the task cache holds the result
-    return space
+    for stale in (ctx.cache_path / "offers").glob(f"{key}-*"):  # offered by an earlier training under this key
+        shutil.rmtree(stale, ignore_errors=True)
+    if _keep(method, folder, lambda: space.save(folder, key)):
+        checkpoints.clear()  # from here on the cache holds the result
+    return space, False
 
 
-@task(name="offer-candidates", task_run_name="offer-{method}", cache_key_fn=_offer_cache_key, persist_result=True)
+@task(name="offer-candidates", task_run_name="offer-{method}", cache_policy=NO_CACHE, persist_result=False)
 def offer_candidates(ctx: RunContext, method: str, space: CandidateSpace, devices: list[DeviceProfile],
                      key: str) -> dict[str, list[Candidate]]:
-    """The candidates ``space`` offers each device (a space may search per device)."""
+    """The candidates ``space`` offers each device (a space may search per device), reused from
+    ``<cache_dir>/offers/<offer key>/`` when that training already offered to these devices."""
+    folder = ctx.cache_path / "offers" / offer_key(key, devices)
+    cached = _reuse(f"{method} offers", folder, lambda: load_offers(folder, space, folder.name))
+    if cached is not None:
+        return cached
     per_device = {device.name: list(space.candidates(device)) for device in devices}
     if space.training_cost is not None:  # what it cost to get them, next to each candidate's figures
         for cand in (c for cands in per_device.values() for c in cands):
             cand.metrics.update(space.training_cost.as_metrics())
     log.info("%s: %d candidates", method, len({c.name for cands in per_device.values() for c in cands}))
+    _keep(f"{method} offers", folder, lambda: save_offers(per_device, folder, folder.name))
     return per_device
 
 
@@ -120,19 +167,18 @@ def train_methods(ctx: RunContext, ref: DatasetRef, anchors: list[Anchor], teach
                   ) -> tuple[dict[str, CandidateSpace], dict[str, str], list[str], list[str]]:
     """Every configured method trained concurrently (``.submit``); a failed one drops out.
 
-    Returns (spaces, training keys, methods reused from the task cache, one line per failure)."""
+    Returns (spaces, training keys, methods reused from the cache, one line per failure)."""
     keys = training_keys(ctx, ref, anchors, teacher)
-    results = Path(ctx.cache_path) / "results"
-    futures = {m: train_method.with_options(result_storage=results).submit(ctx, ref, m, anchors, teacher, keys[m])
-               for m in ctx.cfg.methods}
-    spaces, failed = {}, []
+    futures = {m: train_method.submit(ctx, ref, m, anchors, teacher, keys[m]) for m in ctx.cfg.methods}
+    spaces, cached, failed = {}, [], []
     for m, future in futures.items():  # every training done before any search
-        space = future.result(raise_on_failure=False)
-        if isinstance(space, BaseException):
-            failed.append(f"method {m}: {first_line(space)}")
-        else:
-            spaces[m] = space
-    cached = [m for m, f in futures.items() if f.state.name == "Cached"]
+        result = future.result(raise_on_failure=False)
+        if isinstance(result, BaseException):
+            failed.append(f"method {m}: {first_line(result)}")
+            continue
+        spaces[m], reused = result
+        if reused:
+            cached.append(m)
     return spaces, keys, cached, failed
 
 
@@ -140,10 +186,9 @@ def collect_offers(ctx: RunContext, spaces: dict[str, CandidateSpace], keys: dic
                    anchor_candidates: list[Candidate], devices: list[DeviceProfile]) -> dict[str, list[Candidate]]:
     """Each device is offered the anchors plus what every method offers it, one method at a time
     (a space may measure latency while searching). Names are unique: the first offer wins."""
-    results = Path(ctx.cache_path) / "results"
     offers: dict[str, list[Candidate]] = {d.name: list(anchor_candidates) for d in devices}
     for method, space in spaces.items():
-        offered = offer_candidates.with_options(result_storage=results)(ctx, method, space, devices, keys[method])
+        offered = offer_candidates(ctx, method, space, devices, keys[method])
         for device in devices:
             offers[device.name] += offered.get(device.name, [])
     return offers

@@ -4,14 +4,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from podium.methods.base import Anchor, AnchorSpec, Candidate, CandidateSpace, DataShape, Method
+from podium.methods.base import Anchor, AnchorSpec, Candidate, CandidateSpace, DataShape, LoadWeights, Method
 from podium.methods.catalog import register_method
 from podium.methods.complexity import Complexity, count
 from podium.methods.data import DataBundle
@@ -41,6 +41,7 @@ class ScalingSpace(CandidateSpace):
     family: str
     in_chans: int
     members: list[_Trained] = field(default_factory=list)
+    num_classes: int = 0  # what rebuilds the members (0: unknown, the space cannot be saved)
 
     def candidates(self, device: Any = None) -> Iterator[Candidate]:
         for m in self.members:
@@ -57,6 +58,29 @@ class ScalingSpace(CandidateSpace):
                 in_chans=self.in_chans,
             )
 
+    def to_record(self) -> tuple[dict[str, Any], dict[str, nn.Module]]:
+        if not self.num_classes:
+            raise ValueError("this scaling space does not know its number of classes: it cannot be saved")
+        members = [{"plan": asdict(m.plan), "val_acc": m.val_acc, "complexity": m.complexity.as_dict()}
+                   for m in self.members]
+        record = {"family": self.family, "in_chans": self.in_chans, "num_classes": self.num_classes, "members": members}
+        return record, {f"member{i}": m.model for i, m in enumerate(self.members)}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], weights: LoadWeights, data: DataBundle) -> ScalingSpace:
+        """Each member built from its planned architecture by the family's builder."""
+        members = []
+        for i, row in enumerate(record["members"]):
+            plan = ScaledModel(**{**row["plan"], "complexity": Complexity(**row["plan"]["complexity"])})
+            model = weights(f"member{i}", build(plan.arch, num_classes=record["num_classes"], in_chans=record["in_chans"]))
+            members.append(_Trained(plan=plan, model=model.eval(), val_acc=row["val_acc"],
+                                    complexity=Complexity(**row["complexity"])))
+        return cls(family=record["family"], in_chans=record["in_chans"], members=members,
+                   num_classes=record["num_classes"])
+
+    def candidate_module(self, name: str, config: dict[str, Any]) -> nn.Module:
+        return build(config["arch"], num_classes=self.num_classes, in_chans=self.in_chans).eval()
+
 
 def describe(cfg: ScalingConfig, shape: DataShape, anchors: Sequence[AnchorSpec]) -> list[dict[str, Any]]:
     return describe_scales(cfg, shape.num_classes, shape.channels)
@@ -67,6 +91,7 @@ class Scaling(Method):
     """Train every member of a scaled family (base × scales × strategy) and offer each as a candidate."""
 
     name = METHOD_NAME
+    space_type = ScalingSpace
 
     def __init__(self, cfg: ScalingConfig):
         self.cfg = cfg.variant(cfg.family)  # recipe paper: the EfficientNet schedule differs from RegNet's
@@ -122,7 +147,8 @@ class Scaling(Method):
         for i in order:
             if i not in trained:
                 trained[i] = self._train_one(plans[i], data, teacher_model, device)
-        return ScalingSpace(family=cfg.family, in_chans=in_chans, members=[trained[i] for i in order])
+        return ScalingSpace(family=cfg.family, in_chans=in_chans, members=[trained[i] for i in order],
+                            num_classes=data.num_classes)
 
 
 class _Resized(nn.Module):

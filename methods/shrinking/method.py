@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from podium.methods.base import Anchor, AnchorSpec, Candidate, CandidateSpace, DataShape, Method
+from podium.methods.base import Anchor, AnchorSpec, Candidate, CandidateSpace, DataShape, LoadWeights, Method
 from podium.methods.catalog import register_method
 from podium.methods.complexity import count
 from podium.methods.data import DataBundle
@@ -251,3 +251,38 @@ class ShrinkSpace(CandidateSpace):
                              device.name, c.metrics["val_acc"], c.metrics["predicted_latency_ms"],
                              c.metrics["p50_ms"], device.latency_budget_ms)
         yield from self._cache[key]
+
+    # saved as data -------------------------------------------------------------------------
+    def to_record(self) -> tuple[dict[str, Any], dict[str, nn.Module]]:
+        """The supernet and the accuracy predictor with their configs; latency tables are measured again
+        on the machine that searches (they are that machine's)."""
+        if self.predictor is None:
+            self.fit_predictor()
+        record = {"cfg": self.cfg.model_dump(mode="json"), "in_chans": self.supernet.in_chans,
+                  "num_classes": self.supernet.num_classes, "history": self.history,
+                  "predictor_report": self.predictor_report}
+        return record, {"supernet": self.supernet, "predictor": self.predictor}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], weights: LoadWeights, data: DataBundle) -> ShrinkSpace:
+        """The supernet and predictor rebuilt from the config; ``data`` less the same predictor hold-out as
+        :meth:`Shrinking.fit` drew (the bundle's seed), so searches recalibrate on the same images."""
+        cfg = ShrinkingConfig.model_validate(record["cfg"])
+        supernet = weights("supernet", OFASupernet(cfg, record["in_chans"], record["num_classes"]))
+        supernet.set_active(OpenSpace.full(cfg).uniform(len(cfg.unit_widths), "max"))
+        space = cls(cfg, supernet.eval(), hold_out_for_predictor(data, cfg.predictor.holdout_images))
+        features = len(encode_arch(space.space.uniform(space.units, "max"), cfg))
+        space.predictor = weights("predictor", AccuracyPredictor(features, cfg.predictor.hidden,
+                                                                  cfg.predictor.layers)).eval()
+        space.history = [dict(h) for h in record["history"]]
+        space.predictor_report = dict(record["predictor_report"])
+        return space
+
+    def candidate_module(self, name: str, config: dict[str, Any]) -> nn.Module:
+        arch = Arch.from_dict(config)
+        if arch.name != name:
+            raise ValueError(f"candidate {name!r} does not match its architecture {arch.name!r}")
+        return extract_subnet(self.supernet, arch).cpu().eval()
+
+
+Shrinking.space_type = ShrinkSpace  # defined after the method, which names it in its signatures

@@ -12,7 +12,7 @@ import logging
 import random
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from podium.methods import families
-from podium.methods.base import Anchor, AnchorSpec, Candidate, CandidateSpace, DataShape, Method
+from podium.methods.base import Anchor, AnchorSpec, Candidate, CandidateSpace, DataShape, LoadWeights, Method
 from podium.methods.catalog import register_method
 from podium.methods.complexity import count
 from podium.methods.data import DataBundle
@@ -39,8 +39,16 @@ from podium.methods.stitching.space import (
     is_hierarchical,
     probe_shapes,
 )
-from podium.methods.train import (TrainConfig, evaluate, fit, images_per_step, make_optimizer, pick_device, recalibrate_bn,
-                                  scaled_lr)
+from podium.methods.train import (
+    TrainConfig,
+    evaluate,
+    fit,
+    images_per_step,
+    make_optimizer,
+    pick_device,
+    recalibrate_bn,
+    scaled_lr,
+)
 
 log = logging.getLogger("podium.stitching")
 
@@ -140,12 +148,15 @@ class StitchSpace(CandidateSpace):
     """Every evaluated configuration; each one is a candidate for every device."""
 
     def __init__(self, results: list[StitchResult], anchor_names: list[str], input_size: tuple[int, int],
-                 in_chans: int, settings: dict[str, Any]):
+                 in_chans: int, settings: dict[str, Any], *, anchor_archs: Sequence[dict[str, Any]] = (),
+                 num_classes: int = 0):
         self.results = results
         self.anchor_names = anchor_names
         self.input_size = input_size
         self.in_chans = in_chans
         self.settings = settings
+        self.anchor_archs = [dict(a) for a in anchor_archs]  # in anchor order (by FLOPs): what rebuilds the stitches
+        self.num_classes = num_classes
 
     def __len__(self) -> int:
         return len(self.results)
@@ -159,6 +170,31 @@ class StitchSpace(CandidateSpace):
             yield Candidate(name=f"sn-{r.config.name}", method=Stitching.name, config=config_dict(r.config, self.anchor_names,
                                                                                              self.settings),
                             model=r.model, input_size=self.input_size, metrics=dict(r.metrics), in_chans=self.in_chans)
+
+    def to_record(self) -> tuple[dict[str, Any], dict[str, nn.Module]]:
+        if len(self.anchor_archs) != len(self.anchor_names) or not all(self.anchor_archs) or not self.num_classes:
+            raise ValueError("this stitch space does not know its anchors' architectures: it cannot be saved")
+        record = {"anchor_names": self.anchor_names, "anchor_archs": self.anchor_archs, "num_classes": self.num_classes,
+                  "input_size": list(self.input_size), "in_chans": self.in_chans, "settings": self.settings,
+                  "results": [{"config": asdict(r.config), "metrics": r.metrics} for r in self.results]}
+        return record, {f"result{i}": r.model for i, r in enumerate(self.results)}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], weights: LoadWeights, data: DataBundle) -> StitchSpace:
+        """Each stitch assembled, as in :meth:`Stitching.fit`, from anchors built from their architectures."""
+        archs, in_chans, size = record["anchor_archs"], record["in_chans"], tuple(record["input_size"])
+        parts = [families.split(a, families.build(a, record["num_classes"], in_chans).eval()) for a in archs]
+        shapes = [probe_shapes(p, in_chans, size) for p in parts]
+        configs = [StitchConfig(**r["config"]) for r in record["results"]]
+        layers = build_stitch_layers(parts, shapes, configs)
+        results = [StitchResult(c, weights(f"result{i}", assemble(parts, layers, c, standalone=True)), r["metrics"])
+                   for i, (c, r) in enumerate(zip(configs, record["results"]))]
+        return cls(results, record["anchor_names"], size, in_chans, record["settings"], anchor_archs=archs,
+                   num_classes=record["num_classes"])
+
+    def candidate_module(self, name: str, config: dict[str, Any]) -> nn.Module:
+        result = next(r for r in self.results if f"sn-{r.config.name}" == name)
+        return copy.deepcopy(result.model)
 
 
 def config_dict(c: StitchConfig, names: Sequence[str], settings: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -206,6 +242,7 @@ def describe(cfg: StitchingConfig, shape: DataShape, anchors: Sequence[AnchorSpe
 @register_method('stitching', StitchingConfig, describe)
 class Stitching(Method):
     name = "stitching"
+    space_type = StitchSpace
 
     def __init__(self, cfg: StitchingConfig | None = None):
         self.cfg = cfg or StitchingConfig()
@@ -250,7 +287,8 @@ class Stitching(Method):
             log.info("%s: val_acc %.4f flops %d", c.name, acc, metrics["flops"])
             results.append(StitchResult(c, model, metrics))
         settings = {"init": cfg.init, "joint_training": cfg.joint_training, "direction": cfg.direction}
-        return StitchSpace(results, names, size, in_chans, settings)
+        return StitchSpace(results, names, size, in_chans, settings, anchor_archs=[chosen[i].arch for i in order],
+                           num_classes=data.num_classes)
 
     @staticmethod
     def _train(cfg: StitchingConfig, supernet: StitchSupernet, data: DataBundle, teacher: Anchor | None,
