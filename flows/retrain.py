@@ -10,7 +10,8 @@ from podium.errors import BranchError
 from podium.flows.runners import build_task_runner, shared_api, torch_threads
 from podium.methods.base import Candidate
 from podium.tasks.anchors import acquire_anchors
-from podium.tasks.data import validate_data, version_dataset
+from podium.tasks.common import RunContext
+from podium.tasks.data import push_dataset, validate_data, version_dataset
 from podium.tasks.profile import profile_candidates
 from podium.tasks.quantize import derive_precisions
 from podium.tasks.release import Outcome, promote_winners
@@ -28,6 +29,15 @@ class RetrainResult:
     cached_methods: list[str]  # methods whose training was reused from the task cache
     report: str
     skipped: bool = False  # ended early: data and config equal the last completed run's
+    written: dict[str, str] | None = None  # where the run wrote: store, tracking, report, cache (see locations)
+
+
+def locations(ctx: RunContext) -> dict[str, str]:
+    """Where a run writes, resolved: the release store, the tracking database and run, the run's
+    report (MLflow artifacts) and the cache (validation facts, task results, locks)."""
+    report = f"{ctx.registry.client.get_run(ctx.run_id).info.artifact_uri}/report"
+    return {"store": ctx.store_uri, "tracking": f"{ctx.tracking_uri} (run {ctx.run_id})", "report": report,
+            "cache": str(ctx.cache_path.resolve())}
 
 
 @flow(name="retrain", log_prints=True)
@@ -47,8 +57,9 @@ def retrain(config_path: str = "configs/demo.yaml", project_dir: str = ".",
         run.tag(data_hash=ref.data_hash)
         if skip_if_unchanged and (baseline := run.unchanged_since(ref)):
             print(message := run.skip(ref, baseline))
-            return RetrainResult(ctx.run_id, ref.data_hash, [], {}, [], message, skipped=True)
-        validate_data(ctx, ref)
+            return RetrainResult(ctx.run_id, ref.data_hash, [], {}, [], message, skipped=True, written=locations(ctx))
+        validated = validate_data(ctx, ref)
+        push_dataset(ctx, ref, validated)  # only validated data reaches the DVC remote
         anchors, teacher, anchor_candidates = acquire_anchors(ctx, ref)
         spaces, keys, cached, failed = train_methods(ctx, ref, anchors, teacher)
         offers = collect_offers(ctx, spaces, keys, anchor_candidates, devices)
@@ -61,7 +72,7 @@ def retrain(config_path: str = "configs/demo.yaml", project_dir: str = ".",
             raise BranchError("; ".join(failed + failed_devices))
         run.complete()
         return RetrainResult(ctx.run_id, ref.data_hash, outcomes, {d: w.candidate for d, w in winners.items()},
-                             cached, report)
+                             cached, report, written=locations(ctx))
 
 
 def run_retrain(config_path: str, project_dir: str = ".", skip_if_unchanged: bool = False) -> RetrainResult:

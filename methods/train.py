@@ -39,18 +39,18 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 class TrainConfig(StrictModel):
-    epochs: float = 5.0  # may be fractional; ``max_steps`` caps it further
-    max_steps: int | None = None  # optimizer steps, as are ``warmup_steps`` and the schedule
-    lr: float = 0.05
+    epochs: float = Field(5.0, gt=0, le=100_000)  # may be fractional; ``max_steps`` caps it further
+    max_steps: int | None = Field(None, ge=1)  # optimizer steps, as are ``warmup_steps`` and the schedule
+    lr: float = Field(0.05, gt=0, le=100)
     # lr_batch: ``lr`` is the learning rate for this many images per optimizer step, scaled linearly to
     # the global batch actually used (Goyal et al.); None: ``lr`` is used as it is
     lr_batch: int | None = Field(None, ge=1)
     optimizer: str = "sgd"  # any of timm.optim.list_optimizers(): sgd (nesterov), adamw, lamb, rmsproptf, ...
-    momentum: float = 0.9  # for the optimizers that take one
-    weight_decay: float = 5e-4  # not on biases and norm parameters
-    warmup_steps: int = 0
-    seed: int = 0
-    log_every_s: float = 10.0  # a progress line at most this often
+    momentum: float = Field(0.9, ge=0, lt=1)  # for the optimizers that take one
+    weight_decay: float = Field(5e-4, ge=0, le=1)  # not on biases and norm parameters
+    warmup_steps: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0)
+    log_every_s: float = Field(10.0, gt=0)  # a progress line at most this often
     # auto: bf16 on CUDA where supported, else fp16 with a grad scaler; fp32 elsewhere. bf16 works on CPU too.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"  # auto: on CUDA for models with 2-D convolutions

@@ -10,7 +10,7 @@ Every random draw runs under :class:`seeded`, so an item's augmentation depends 
 from __future__ import annotations
 
 import random
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from podium.images import DEFAULT_MAX_PIXELS
 from podium.methods.base import InputSpec, StrictModel
 
 Size = tuple[int, int]
+ImageSide = Annotated[int, Field(ge=1, le=4096)]  # a model input side, in pixels
 
 
 class AugmentConfig(StrictModel):
@@ -41,12 +42,13 @@ class AugmentConfig(StrictModel):
 class LoaderConfig(StrictModel):
     """How images become batches (everything but the files themselves)."""
 
-    image_size: tuple[int, int] = (32, 32)  # the base resolution (methods may ask for others)
-    batch_size: int = Field(64, ge=1)
+    image_size: tuple[ImageSide, ImageSide] = (32, 32)  # the base resolution (methods may ask for others)
+    batch_size: int = Field(64, ge=1, le=65_536)
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
     crop_pct: float = Field(0.875, gt=0, le=1)  # eval: resize to size / crop_pct, centre-crop size
-    mean: tuple[float, ...] | None = None  # None: the pretrained anchors', else measured on train images
-    std: tuple[float, ...] | None = None
+    # None: the pretrained anchors', else measured on train images; one value per channel (1 or 3)
+    mean: tuple[float, ...] | None = Field(None, min_length=1, max_length=3)
+    std: tuple[Annotated[float, Field(gt=0)], ...] | None = Field(None, min_length=1, max_length=3)
     augment: AugmentConfig = AugmentConfig()
     num_workers: int | None = Field(None, ge=0)  # None: 0 for an in-memory dataset, else from the cores
     cache_mb: int = Field(1024, ge=0)  # decoded images (and deterministic transforms) kept up to this

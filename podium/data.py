@@ -192,13 +192,25 @@ def _class_dirs(folder: Path) -> list[Path]:
                   key=lambda p: class_sort_key(p.name))
 
 
+def _refuse_links_out(src: Path, files: Iterable[Path]) -> None:
+    """DataError for the first file that resolves outside ``src`` (``src`` itself is resolved)."""
+    for file in files:
+        target = file.resolve()
+        if not target.is_relative_to(src):
+            raise DataError(f"{file} leads outside the ImageFolder source {src} (a symbolic link to {target}): "
+                            "refused; copy the file into the source or remove the link")
+
+
 def import_imagefolder(src: Path | str, project_dir: Path | str, name: str, val_fraction: float = 0.15,
                        test_fraction: float = 0.15, seed: int = 0) -> Path:
     """Copy an ImageFolder dataset to ``project_dir/data/<name>``, write its manifest, ``dvc add`` it.
 
     Two source layouts are accepted: ``src/{class}/*`` (split here, stratified and seeded) or
     ``src/{train,val,test}/{class}/*`` (kept as is). File bytes are copied unchanged (nothing is
-    re-encoded); non-image and hidden files are skipped. Returns the dataset root.
+    re-encoded); non-image and hidden files are skipped. A symbolic link (to a file, or a folder on
+    the way to one) is followed only while it stays inside ``src``: one leading out of it is refused
+    with one line before anything is copied, so an import never pulls in files the source tree does
+    not hold. Returns the dataset root.
     """
     from podium import dvc_ops
 
@@ -229,6 +241,7 @@ def import_imagefolder(src: Path | str, project_dir: Path | str, name: str, val_
         items = [(f, split, label) for (f, label), split in zip(flat, splits)]
     if not items:
         raise DataError(f"no image files found in {src} (expected {src}/<class>/<image> or {src}/train/<class>/<image>)")
+    _refuse_links_out(src, [file for file, _, _ in items])
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
 from podium import infra
 from podium.errors import DeviceError
+from podium.files import load_yaml
 from podium.methods.base import StrictModel
 from podium.methods.profiling import DeviceProfile
 from podium.methods.runtimes import available_runtimes, get_runtime
@@ -24,10 +24,13 @@ class Inventory(StrictModel):
 
 
 def load_inventory(path: Path = DEFAULT_INVENTORY) -> dict[str, DeviceProfile]:
+    """Every device of the inventory at ``path`` by name (one-line DeviceError for a bad file or entry)."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = load_yaml(path)
     except FileNotFoundError:
         raise DeviceError(f"device inventory {path} does not exist") from None
+    except ValueError as exc:
+        raise DeviceError(f"device inventory {path}: {exc}") from None
     try:
         inventory = Inventory.model_validate(raw)
     except ValidationError as exc:

@@ -15,9 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 from podium.errors import DataError
+from podium.files import MAX_YAML_BYTES, load_yaml
 
 log = logging.getLogger("podium.dvc")
 
@@ -71,20 +70,32 @@ def reproduce(project_dir: Path | str, stage: str | None = None) -> str:
     return out
 
 
+def _dvc_yaml(path: Path) -> dict:
+    """``dvc.lock`` or a ``.dvc`` file, bounded like every file Podium parses (a lock lists one entry per
+    stage, not per file: well under the cap)."""
+    try:
+        doc = load_yaml(path, max_bytes=MAX_YAML_BYTES * 16)
+    except ValueError as exc:
+        raise DataError(f"{path}: {exc}") from None
+    if doc is not None and not isinstance(doc, dict):
+        raise DataError(f"{path}: not a DVC file (expected a mapping)")
+    return doc
+
+
 def dataset_hash(project_dir: Path | str, data_path: Path | str) -> str:
     """The DVC md5 of a directory output (``<md5>.dir``), from ``dvc.lock`` or ``<data_path>.dvc``."""
     project_dir = Path(project_dir)
     rel = _relative(project_dir, data_path)
     lock = project_dir / "dvc.lock"
     if lock.is_file():
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        stages = (_dvc_yaml(lock) or {}).get("stages", {})
         for stage in stages.values():
             for out in stage.get("outs", []):
                 if out.get("path", "").rstrip("/") == rel and out.get("md5"):
                     return str(out["md5"])
     dvc_file = project_dir / f"{rel}.dvc"
     if dvc_file.is_file():
-        for out in (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", []):
+        for out in (_dvc_yaml(dvc_file) or {}).get("outs", []):
             if out.get("md5"):
                 return str(out["md5"])
     raise DataError(f"no DVC md5 for {rel} in {project_dir}: run `dvc repro` (a stage output) "

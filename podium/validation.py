@@ -36,7 +36,7 @@ import pandas as pd
 from podium import facts as file_facts
 from podium.data import SPLITS, class_sort_key, image_files
 from podium.errors import DataValidationError
-from podium.files import atomic_write_text
+from podium.files import atomic_write_text, load_json
 from podium.images import CONVERTIBLE_MODES, DEFAULT_MAX_PIXELS, decoded_channels
 
 log = logging.getLogger("podium.validation")
@@ -321,7 +321,7 @@ def validate_dataset_cached(root: Path | str, cache_dir: Path | str, data_hash: 
     path = Path(cache_dir) / "validation" / f"{key}.json"
     if path.is_file():
         try:
-            report = ValidationReport.from_json(json.loads(path.read_text()))
+            report = ValidationReport.from_json(load_json(path))
             log.info("validation of %s reused: files, data hash %s and suite unchanged since it passed",
                      root, data_hash[:12])
             return report, True

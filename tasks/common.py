@@ -17,7 +17,7 @@ from torch import nn
 
 from podium.config import PodiumConfig
 from podium.errors import RegistryError, StoreError
-from podium.files import files_digest
+from podium.files import files_digest, load_json
 from podium.methods.base import Candidate
 from podium.methods.checkpoint import TrainingEnv, checkpoint_file_name
 from podium.methods.data import DataBundle
@@ -74,6 +74,22 @@ class RunContext:
     def cache_path(self) -> Path:
         path = Path(self.cfg.runtime.cache_dir)
         return path if path.is_absolute() else self.project_path / path
+
+
+def read_cache(path: Path) -> dict:
+    """A JSON cache file's entries; a missing, oversized or unparsable one (a crash, a hand edit, a
+    planted file) is an empty cache with one warning: everything in it can be measured again."""
+    if not path.exists():
+        return {}
+    try:
+        entries = load_json(path)
+    except ValueError as exc:
+        log.warning("cache %s ignored: it %s", path, exc)
+        return {}
+    if not isinstance(entries, dict):
+        log.warning("cache %s ignored: not a JSON object", path)
+        return {}
+    return entries
 
 
 def absolute_tracking_uri(uri: str) -> str:

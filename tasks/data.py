@@ -1,4 +1,5 @@
-"""Data tasks: version the dataset with DVC, then validate it with Great Expectations."""
+"""Data tasks: version the dataset with DVC, validate it with Great Expectations, and only then push it
+to the DVC remote (data that failed validation never leaves the machine)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from podium import dvc_ops
 from podium.tasks.common import TRANSIENT_RETRIES, DatasetRef, RunContext
-from podium.validation import validate_dataset_cached
+from podium.validation import ValidationReport, validate_dataset_cached
 
 log = logging.getLogger("podium.tasks.data")
 
@@ -20,7 +21,7 @@ log = logging.getLogger("podium.tasks.data")
 # (cloudpickling every model passed in: about 1 s per call) just to look for a cache entry.
 @task(name="version-dataset", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def version_dataset(ctx: RunContext) -> DatasetRef:
-    """Reproduce the dataset's DVC stage (a no-op when up to date), push it, return its md5."""
+    """Reproduce the dataset's DVC stage (a no-op when up to date), return its md5 (nothing pushed)."""
     cfg = ctx.cfg.data
     project = ctx.project_path
     if cfg.stage:
@@ -28,18 +29,15 @@ def version_dataset(ctx: RunContext) -> DatasetRef:
     else:  # a dataset tracked with `dvc add` (e.g. `podium data import`): re-hash what is on disk
         dvc_ops.track(project, cfg.path)
     data_hash = dvc_ops.dataset_hash(project, cfg.path)
-    if cfg.dvc_remote is not None:
-        dvc_ops.configure_s3_remote(project, "podium", cfg.dvc_remote.url, cfg.dvc_remote.endpoint_url)
-    if cfg.push:
-        dvc_ops.push(project, "podium" if cfg.dvc_remote is not None else None)
     log.info("dataset %s at DVC md5 %s", cfg.path, data_hash)
     classes = tuple(cfg.classes) if cfg.classes else None
     return DatasetRef(root=str(project / cfg.path), data_hash=data_hash, classes=classes)
 
 
 @task(name="validate-dataset", cache_policy=NO_CACHE)
-def validate_data(ctx: RunContext, ref: DatasetRef) -> None:
-    """Run the expectation suite; the result is an MLflow artifact either way; failures stop the flow.
+def validate_data(ctx: RunContext, ref: DatasetRef) -> ValidationReport:
+    """Run the expectation suite; the result is an MLflow artifact either way; failures stop the flow,
+    so the passing report returned is what :func:`push_dataset` asks for.
 
     A report that passed on the same files, data hash, classes and suite is reused (see
     :func:`podium.validation.validate_dataset_cached`): the run's artifact is that report."""
@@ -58,3 +56,18 @@ def validate_data(ctx: RunContext, ref: DatasetRef) -> None:
         for line in report.summary().splitlines():
             log.error("validation failed: %s", line)
     report.raise_for_failures()
+    return report
+
+
+@task(name="push-dataset", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+def push_dataset(ctx: RunContext, ref: DatasetRef, validated: ValidationReport) -> None:
+    """``dvc push`` the dataset (``data.push``) to ``data.dvc_remote`` or the repository's default remote;
+    ``validated`` is :func:`validate_data`'s passing report, so nothing unvalidated is ever pushed."""
+    validated.raise_for_failures()
+    cfg = ctx.cfg.data
+    if not cfg.push:
+        return
+    if cfg.dvc_remote is not None:
+        dvc_ops.configure_s3_remote(ctx.project_path, "podium", cfg.dvc_remote.url, cfg.dvc_remote.endpoint_url)
+    dvc_ops.push(ctx.project_path, "podium" if cfg.dvc_remote is not None else None)
+    log.info("dataset %s (DVC md5 %s) pushed", cfg.path, ref.data_hash)

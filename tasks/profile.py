@@ -27,12 +27,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from podium.files import TMP_MARK, atomic_path, atomic_write_text, sha256_file
+from podium.files import TMP_MARK, atomic_path, atomic_write_text, parse_json, sha256_file
 from podium.methods.base import Candidate
 from podium.methods.export import export_onnx, save_weights
 from podium.methods.profiling import Artifact, DeviceProfile, LatencyStats, measure_against_budget
 from podium.methods.runtimes import get_runtime
-from podium.tasks.common import RunContext, candidate_digest
+from podium.tasks.common import RunContext, candidate_digest, read_cache
 
 log = logging.getLogger("podium.tasks.profile")
 _cache_lock = threading.Lock()
@@ -137,11 +137,14 @@ def _measurement_key(digest: str, device: DeviceProfile) -> str:
 class LatencyCache:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.entries: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+        self.entries: dict[str, dict] = read_cache(path)
 
     def get(self, key: str) -> LatencyStats | None:
         entry = self.entries.get(key)
-        return LatencyStats(**entry) if entry else None
+        try:
+            return LatencyStats(**entry) if isinstance(entry, dict) else None
+        except (TypeError, ValueError):  # an entry of another shape: measured again
+            return None
 
     def put(self, key: str, stats: LatencyStats) -> None:
         """Keep a clean measurement; a ``noisy`` one serves this run only and is measured again next time."""
@@ -328,7 +331,7 @@ def profile_remote(ctx: RunContext, device: DeviceProfile, members: dict[str, Me
                     device.name, device.work_pool, flow_run.id, state.name, state.message or "")
         return None
     try:
-        answer = json.loads(store.get_bytes(result_key))
+        answer = parse_json(store.get_bytes(result_key))
         store.delete(result_key)
         for name, member in missing.items():
             stats = LatencyStats(**answer[name])

@@ -30,9 +30,8 @@ from podium.files import atomic_write_text
 from podium.methods.precision import artifact_accuracy, calibration_batches
 from podium.methods.profiling import DeviceProfile
 from podium.methods.runtimes import get_runtime
-from podium.tasks.common import DatasetRef, RunContext, load_data
-from podium.tasks.profile import (ExportedModel, MeasuredCandidate, derived_folder, measure_pool,
-                                  write_artifact)
+from podium.tasks.common import DatasetRef, RunContext, load_data, read_cache
+from podium.tasks.profile import ExportedModel, MeasuredCandidate, derived_folder, measure_pool, write_artifact
 
 log = logging.getLogger("podium.tasks.quantize")
 _lock = threading.Lock()
@@ -67,10 +66,11 @@ class AccuracyCache:
 
     def __init__(self, ctx: RunContext) -> None:
         self.path = ctx.cache_path / "derived_accuracy.json"
-        self.entries: dict[str, float] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.entries: dict[str, float] = read_cache(self.path)
 
     def get(self, digest: str) -> float | None:
-        return self.entries.get(digest)
+        value = self.entries.get(digest)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     def put(self, digest: str, accuracy: float) -> None:
         with _lock:

@@ -129,8 +129,10 @@ def test_import_flat_imagefolder(tmp_path: Path) -> None:
 
     # the pre-split layout is kept as is, into the same project
     pre = make_presplit_imagefolder(tmp_path / "pre", classes=("a", "b"), counts={"train": 8, "val": 3, "test": 2})
+    (pre / "train" / "a" / "alias.png").symlink_to(pre / "train" / "a" / "train-0.png")  # a link inside the source
     root2 = import_imagefolder(pre, project, "letters")
-    assert Counter(r["split"] for r in read_manifest(root2)) == {"train": 16, "val": 6, "test": 4}
+    assert Counter(r["split"] for r in read_manifest(root2)) == {"train": 17, "val": 6, "test": 4}
+    assert not (root2 / "train" / "a" / "alias.png").is_symlink()  # copied as the file it points to
     assert (root2 / "val" / "b" / "val-2.png").is_file()
     assert dvc_ops.dataset_hash(project, root2) != md5
     # a deterministic import: same source and seed, same md5

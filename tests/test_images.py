@@ -37,6 +37,29 @@ def test_sixteen_bit_keeps_its_range(tmp_path: Path) -> None:
     assert np.asarray(decode(path, 1)).tolist() == [[0, 128, 255]]
 
 
+@pytest.mark.parametrize("name", ["ramp16.png", "ramp16.tif", "ramp16.pgm", "ramp-float.tif"])
+def test_high_depth_ramps_are_scaled_not_clipped(tmp_path: Path, name: str) -> None:
+    """A ramp over the whole declared range (0..65535, or 0..1 for floats) comes out as 0..255 evenly:
+    not mostly 255 (16-bit values clipped) nor mostly 0 (floats clipped to [0, 255])."""
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64)
+    pixels = (ramp / 65535).astype(np.float32) if "float" in name else ramp.astype(np.uint16)
+    Image.fromarray(pixels).save(tmp_path / name)
+    assert Image.open(tmp_path / name).mode in ("I;16", "I", "F")
+    for channels in (1, 3):
+        out = np.asarray(decode(tmp_path / name, channels), np.float64)
+        assert out.min() == 0 and out.max() == 255
+        assert abs(out.mean() - 127.5) < 1 and (out == 255).mean() < 0.01
+
+
+def test_high_depth_without_an_8_bit_range_is_refused(tmp_path: Path) -> None:
+    Image.fromarray(np.arange(64, dtype=np.int32).reshape(8, 8) << 20).save(tmp_path / "i32.tif")
+    Image.fromarray(np.linspace(-1, 2, 64, dtype=np.float32).reshape(8, 8)).save(tmp_path / "f.tif")
+    with pytest.raises(DataError, match=r"i32.tif: 32-bit integer pixels \(mode I\) have no defined 8-bit range"):
+        decode(tmp_path / "i32.tif", 1)
+    with pytest.raises(DataError, match=r"f.tif: float pixels span -1..2: only \[0, 1\]"):
+        decode(tmp_path / "f.tif", 3)
+
+
 def test_decompression_bomb_is_refused_without_decoding(tmp_path: Path, monkeypatch) -> None:
     bomb = png_bomb(tmp_path / "bomb.png")
     loads = []
