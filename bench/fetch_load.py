@@ -1,19 +1,30 @@
-"""Load test of the release protocol: concurrent verified fetches while a new version is published.
+"""Load test of the release protocol: concurrent verified fetches into shared destinations, readers
+of the installed files, and several version switches, on a local folder store and on S3.
 
-Starts a moto S3 server on 127.0.0.1 (nothing leaves the machine), publishes release v1 (a few
-files of 1-5 MB), then runs N fetcher threads that fetch the current release again and again while
-another thread publishes v2. Every fetch must end with a complete, checksum-valid release whose
-files all belong to the version its manifest names -- each file's first line names the version it
-was made for, so a mixed release (v1 model + v2 weights) would be caught. It cannot happen: versions
-are immutable, a reader follows current.json to one manifest, and current.json is written last.
+For each store (a folder, and a moto S3 server on 127.0.0.1: nothing leaves the machine) it
+publishes release v1 (a few files of up to a few MB), then runs at once:
 
-    python bench/fetch_load.py [--threads 32] [--max-seconds 300]
+* ``--clients`` fetch clients sharing ``--dests`` destination folders, each fetching the current
+  release again and again (so several fetches replace the same folder concurrently);
+* ``--readers`` threads reading whole releases out of those folders while fetches swap them, the way
+  a deployment reads them: through one handle on the folder (see `fetch_release`);
+* a publisher making ``--switches`` new versions current, one after another.
+
+Every file's first line names the version it was made for, so a mixed release (v1 model + v2
+weights) is caught. Counted: fetch failures, mixed and corrupt releases (a file not matching its
+manifest, a marker naming another version), version regressions per client, staging folders left
+behind. A read whose release was replaced and deleted under it is counted as ``gone`` (the reader
+opens the folder again): that is not a mixed read. Goal: 0 failures, 0 mixed, 0 corrupt.
+
+    python bench/fetch_load.py [--clients 16] [--dests 4] [--readers 4] [--switches 3] [--file-mb 1]
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
+import logging
 import os
 import random
 import socket
@@ -23,45 +34,172 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from podium.registry.release import ReleaseError, fetch_release, publish_release, read_current  # noqa: E402
-from podium.registry.stores import S3Store, StoreError  # noqa: E402
+from podium.registry.release import FETCH_MARKER, ReleaseError, fetch_release, publish_release, read_current
+from podium.registry.stores import ArtifactStore, LocalStore, S3Store, StoreError
 
 MODEL, DEVICE, BUCKET = "bench-model", "cpu-1t", "podium-bench"
-SIZES = {"model.onnx": 5 << 20, "weights.safetensors": 3 << 20, "calibration.bin": 1 << 20, "labels.txt": 64}
+SHAPE = {"model.onnx": 5.0, "weights.safetensors": 3.0, "calibration.bin": 1.0, "labels.txt": 0.0}  # MB at scale 1
 
 
-def make_release(folder: Path, version: str) -> dict[str, Path]:
+class MixedRelease(AssertionError):
+    """Files of two versions, or a file that does not match its manifest, in one read."""
+
+
+def make_release(folder: Path, version: str, file_mb: float) -> dict[str, Path]:
     """Files whose first line names their version, then seeded random bytes."""
     folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(f"{version}")
+    rng = random.Random(version)
     files = {}
-    for name, size in SIZES.items():
+    for name, mb in SHAPE.items():
         header = f"podium-bench version={version} file={name}\n".encode()
         path = folder / name
-        path.write_bytes(header + rng.randbytes(max(size - len(header), 0)))
+        path.write_bytes(header + rng.randbytes(max(int(mb * file_mb * 2**20) - len(header), 0)))
         files[name] = path
     return files
 
 
-def check_fetched(dest: Path) -> str:
-    """Independent check of a fetched release: complete, checksums valid, one version throughout."""
-    manifest = json.loads((dest / "manifest.json").read_bytes())
-    version = manifest["version"]
-    names = sorted(p.name for p in dest.iterdir())
-    if names != sorted([*SIZES, "manifest.json"]):
-        raise AssertionError(f"incomplete release: {names}")
-    for entry in manifest["files"]:
-        data = (dest / entry["name"]).read_bytes()
-        if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise AssertionError(f"{entry['name']}: checksum mismatch")
-        head = data.split(b"\n", 1)[0].decode()
-        if head != f"podium-bench version={version} file={entry['name']}":
-            raise AssertionError(f"mixed release: manifest v{version} but {entry['name']} says {head!r}")
-    return version
+def read_installed(dest: Path) -> str:
+    """Read a whole installed release through one folder handle; returns its version.
+
+    Raises MixedRelease on anything inconsistent, FileNotFoundError when the release was replaced
+    and removed while being read."""
+    folder = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        def read(name: str) -> bytes:
+            fd = os.open(name, os.O_RDONLY, dir_fd=folder)
+            with os.fdopen(fd, "rb") as fh:
+                return fh.read()
+
+        marker = json.loads(read(FETCH_MARKER))
+        manifest = json.loads(read("manifest.json"))
+        version = manifest["version"]
+        if marker["version"] != version or sorted(marker["files"]) != sorted([*SHAPE, "manifest.json"]):
+            raise MixedRelease(f"marker says v{marker['version']} {marker['files']}, manifest v{version}")
+        for entry in manifest["files"]:
+            data = read(entry["name"])
+            if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise MixedRelease(f"{entry['name']} does not match the v{version} manifest")
+            head = data.split(b"\n", 1)[0].decode()
+            if head != f"podium-bench version={version} file={entry['name']}":
+                raise MixedRelease(f"manifest v{version} but {entry['name']} says {head!r}")
+        return version
+    finally:
+        os.close(folder)
+
+
+@dataclass
+class Tally:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    fetches: list[tuple[int, str | None, str | None, float]] = field(default_factory=list)  # client, version, error, s
+    reads: Counter = field(default_factory=Counter)  # ok / gone / mixed / empty
+    problems: list[str] = field(default_factory=list)
+
+    def problem(self, text: str) -> None:
+        with self.lock:
+            self.problems.append(text)
+
+
+def run_store(label: str, open_client, root: Path, args: argparse.Namespace) -> dict:
+    """One load phase against one store; returns a row of the table."""
+    publisher = open_client()
+    last = str(1 + args.switches)
+    sources = {str(v): make_release(root / f"src-v{v}", str(v), args.file_mb) for v in range(1, 2 + args.switches)}
+    publish_release(publisher, MODEL, DEVICE, 1, sources["1"], {"metrics": {"val_acc": 0.9}})
+    deploy = root / "deploy"
+    dests = [deploy / f"shared-{i}" for i in range(args.dests)]
+    tally, publishing_done, everyone_done = Tally(), threading.Event(), threading.Event()
+    deadline = time.monotonic() + args.max_seconds
+    gate = threading.Barrier(args.clients + args.readers + 1)
+
+    def client(idx: int) -> None:
+        store, dest = open_client(), dests[idx % len(dests)]
+        gate.wait()
+        done, crossed = 0, False
+        # at least --min-fetches, and one fetch that began after the last switch, within the deadline
+        while time.monotonic() < deadline and (done < args.min_fetches or not crossed):
+            crossed = publishing_done.is_set()
+            start, version, error = time.perf_counter(), None, None
+            try:
+                version = fetch_release(store, MODEL, DEVICE, dest)["version"]
+                read_installed(dest)  # whatever is there now (another client may have swapped it): whole
+            except FileNotFoundError:
+                pass  # swapped and removed under this check: the readers count those
+            except MixedRelease as exc:
+                tally.problem(f"mixed after fetch: {exc}")
+            except (ReleaseError, StoreError, OSError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # noqa: BLE001 - anything else is a failure too, not a dead thread
+                error = f"unexpected {type(exc).__name__}: {exc}"
+            with tally.lock:
+                tally.fetches.append((idx, version, error, time.perf_counter() - start))
+            done += 1
+
+    def reader(idx: int) -> None:
+        rng = random.Random(idx)
+        gate.wait()
+        while not everyone_done.is_set():
+            dest = rng.choice(dests)
+            try:
+                read_installed(dest)
+                outcome = "ok"
+            except FileNotFoundError:
+                outcome = "gone" if dest.exists() else "empty"  # replaced under it / not fetched yet
+            except MixedRelease as exc:
+                outcome = "mixed"
+                tally.problem(f"mixed read: {exc}")
+            except (OSError, ValueError, KeyError) as exc:
+                outcome = "corrupt"
+                tally.problem(f"corrupt read: {type(exc).__name__}: {exc}")
+            with tally.lock:
+                tally.reads[outcome] += 1
+
+    def publish_all() -> None:
+        gate.wait()
+        try:
+            for version in range(2, 2 + args.switches):
+                time.sleep(args.switch_every)
+                publish_release(publisher, MODEL, DEVICE, version, sources[str(version)], {"metrics": {"val_acc": 0.9}})
+        finally:
+            publishing_done.set()
+
+    clients = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(args.clients)]
+    readers = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(args.readers)]
+    pub = threading.Thread(target=publish_all, daemon=True)
+    start = time.perf_counter()
+    for thread in [*clients, *readers, pub]:
+        thread.start()
+    for thread in [pub, *clients]:
+        thread.join(timeout=max(deadline - time.monotonic(), 0) + 60)
+    everyone_done.set()
+    for thread in readers:
+        thread.join(timeout=30)
+    wall = time.perf_counter() - start
+
+    failures = [f for f in tally.fetches if f[2] is not None]
+    seen = Counter(f[1] for f in tally.fetches if f[1] is not None)
+    regressions = 0
+    for idx in range(args.clients):
+        versions = [int(f[1]) for f in tally.fetches if f[0] == idx and f[1] is not None]
+        regressions += sum(1 for a, b in itertools.pairwise(versions) if b < a)
+    leftovers = sorted(p.name for p in deploy.iterdir() if p.name.startswith("."))
+    latencies = sorted(f[3] for f in tally.fetches if f[2] is None)
+    final = read_current(publisher, MODEL, DEVICE)
+    mixed = sum(1 for p in tally.problems if p.startswith("mixed"))
+    corrupt = sum(1 for p in tally.problems if p.startswith("corrupt"))
+    ok = (not failures and not mixed and not corrupt and not regressions and not leftovers and last in seen
+          and final is not None and final["version"] == last)
+    for text in [*(f[2] for f in failures[:3]), *tally.problems[:3], *(f"left behind: {n}" for n in leftovers[:3])]:
+        print(f"  {label}: {text}")
+    return {"store": label, "fetches": len(tally.fetches), "failures": len(failures), "reads": tally.reads["ok"],
+            "gone": tally.reads["gone"], "mixed": mixed, "corrupt": corrupt, "regressions": regressions,
+            "leftovers": len(leftovers), "seen": ", ".join(f"v{v}:{n}" for v, n in sorted(seen.items(), key=lambda kv: int(kv[0]))),
+            "p50": latencies[len(latencies) // 2] if latencies else float("nan"), "wall": wall,
+            "final": final["version"] if final else "?", "ok": ok}
 
 
 def start_moto() -> tuple[object, str]:
@@ -84,12 +222,17 @@ def start_moto() -> tuple[object, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=32)
-    parser.add_argument("--min-fetches", type=int, default=2, help="fetches per thread at least")
-    parser.add_argument("--max-seconds", type=float, default=300.0, help="hard bound on the fetch phase")
+    parser.add_argument("--clients", type=int, default=16, help="fetch clients")
+    parser.add_argument("--dests", type=int, default=4, help="destination folders the clients share")
+    parser.add_argument("--readers", type=int, default=4, help="threads reading installed releases")
+    parser.add_argument("--switches", type=int, default=3, help="new versions made current during the phase")
+    parser.add_argument("--switch-every", type=float, default=0.5, help="seconds between switches")
+    parser.add_argument("--file-mb", type=float, default=1.0, help="release size scale (1: 9 MB per release)")
+    parser.add_argument("--min-fetches", type=int, default=2, help="fetches per client at least")
+    parser.add_argument("--max-seconds", type=float, default=300.0, help="hard bound on each store's phase")
+    parser.add_argument("--stores", default="local,s3", help="comma-separated: local, s3")
     args = parser.parse_args()
 
-    import logging
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
     for var, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
@@ -97,107 +240,41 @@ def main() -> int:
     os.environ.pop("AWS_ENDPOINT_URL", None)
     os.environ.pop("AWS_PROFILE", None)
 
-    server, url = start_moto()
+    rows, server = [], None
     try:
-        import boto3
-
-        boto3.client("s3", endpoint_url=url).create_bucket(Bucket=BUCKET)
         with tempfile.TemporaryDirectory(prefix="podium-fetch-load-") as tmp:
-            root = Path(tmp)
-            publisher_store = S3Store(BUCKET, "releases", url)
-            v1 = make_release(root / "src-v1", "1")
-            v2 = make_release(root / "src-v2", "2")
-            t0 = time.perf_counter()
-            publish_release(publisher_store, MODEL, DEVICE, 1, v1, {"metrics": {"val_acc": 0.9}})
-            publish_v1_s = time.perf_counter() - t0
+            for label in args.stores.split(","):
+                root = Path(tmp) / label
+                if label == "local":
+                    def open_client(root=root) -> ArtifactStore:
+                        return LocalStore(root / "store")
+                elif label == "s3":
+                    import boto3
 
-            publish_done = threading.Event()
-            deadline = time.monotonic() + args.max_seconds
-            lock = threading.Lock()
-            results: list[tuple[int, str | None, str | None, float]] = []  # thread, version, error, seconds
-            publish_info: dict[str, float] = {}
-            spans: list[tuple[float, float]] = []  # (start, end) of every fetch, perf_counter seconds
-            start_gate = threading.Barrier(args.threads + 1)
+                    server, url = start_moto()
+                    boto3.client("s3", endpoint_url=url).create_bucket(Bucket=BUCKET)
 
-            def fetcher(idx: int) -> None:
-                store = S3Store(BUCKET, "releases", url)  # each deployment client has its own connection pool
-                dest = root / "deploy" / f"client-{idx:02d}"
-                start_gate.wait()
-                done, saw_publish_end = 0, False
-                # keep fetching until this client has done its minimum AND one fetch that began after v2
-                # became current (so every client crosses the switch), bounded by the deadline
-                while time.monotonic() < deadline and (done < args.min_fetches or not saw_publish_end):
-                    saw_publish_end = publish_done.is_set()
-                    t = time.perf_counter()
-                    version, error = None, None
-                    try:
-                        manifest = fetch_release(store, MODEL, DEVICE, dest)
-                        version = check_fetched(dest)
-                        if version != manifest["version"]:
-                            raise AssertionError("fetch returned another manifest than it installed")
-                    except (ReleaseError, StoreError, AssertionError, OSError) as exc:
-                        error = f"{type(exc).__name__}: {exc}"
-                    except Exception as exc:  # noqa: BLE001 - anything else is a failure too, not a dead thread
-                        error = f"unexpected {type(exc).__name__}: {exc}"
-                    with lock:
-                        results.append((idx, version, error, time.perf_counter() - t))
-                        spans.append((t, time.perf_counter()))
-                    done += 1
-
-            def publisher() -> None:
-                start_gate.wait()
-                phase_start[0] = time.perf_counter()
-                time.sleep(0.5)  # let the fetchers get going on v1 first
-                t = time.perf_counter()
-                try:
-                    publish_release(publisher_store, MODEL, DEVICE, 2, v2, {"metrics": {"val_acc": 0.95}})
-                finally:
-                    publish_info["publish_v2_s"] = time.perf_counter() - t
-                    publish_info["v2_current_at"] = time.perf_counter()
-                    publish_info["v2_current_at_s"] = publish_info["v2_current_at"] - phase_start[0]
-                    publish_done.set()
-
-            threads = [threading.Thread(target=fetcher, args=(i,), daemon=True) for i in range(args.threads)]
-            threads.append(threading.Thread(target=publisher, daemon=True))
-            phase_start = [time.perf_counter()]  # reset by the publisher when all clients are ready
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join(timeout=max(deadline - time.monotonic(), 0) + 60)
-            wall = time.perf_counter() - phase_start[0]
-
-            failures = [r for r in results if r[2] is not None]
-            seen = Counter(r[1] for r in results if r[1] is not None)
-            # a client must never go back to v1 once it saw v2 (current.json only moves forward)
-            regressions = 0
-            for idx in range(args.threads):
-                versions = [r[1] for r in results if r[0] == idx and r[1] is not None]
-                regressions += sum(1 for a, b in zip(versions, versions[1:]) if int(b) < int(a))
-            latencies = sorted(r[3] for r in results if r[2] is None)
-            p50 = latencies[len(latencies) // 2] if latencies else float("nan")
-            mb = sum(SIZES.values()) / 2**20
-            final = read_current(publisher_store, MODEL, DEVICE)
-            switch = publish_info.get("v2_current_at", float("nan"))
-            straddling = sum(1 for a, b in spans if a < switch < b)  # in flight when current.json moved
-
-            print(f"\nfetch_load: {args.threads} threads fetching {MODEL}/{DEVICE} ({len(SIZES)} files, "
-                  f"{mb:.1f} MB/release) from moto at {url} while v2 is published")
-            print(f"{'fetches':>8} {'failures':>9} {'fetches/s':>10} {'MB/s':>7} {'p50 s':>7} {'wall s':>7} "
-                  f"{'versions seen':<18} {'in flight at switch':>19} {'regressions':>11}")
-            print(f"{len(results):>8} {len(failures):>9} {len(results) / wall:>10.2f} "
-                  f"{len(latencies) * mb / wall:>7.1f} {p50:>7.2f} {wall:>7.1f} "
-                  f"{', '.join(f'v{v}: {n}' for v, n in sorted(seen.items())):<18} {straddling:>19} {regressions:>11}")
-            print(f"publish v1 {publish_v1_s:.2f} s; publish v2 (upload + read-back verify + pointer) "
-                  f"{publish_info.get('publish_v2_s', float('nan')):.2f} s, current -> v2 at "
-                  f"{publish_info.get('v2_current_at_s', float('nan')):.1f} s into the fetch phase; "
-                  f"final current: v{final['version'] if final else '?'}")
-            for _, _, error, _ in failures[:5]:
-                print(f"  failure: {error}")
-            ok = not failures and not regressions and set(seen) == {"1", "2"} and final and final["version"] == "2"
-            print("RESULT:", "PASS" if ok else "FAIL")
-            return 0 if ok else 1
+                    def open_client(url=url) -> ArtifactStore:  # each client has its own connection pool
+                        return S3Store(BUCKET, "releases", url)
+                else:
+                    parser.error(f"unknown store {label!r}")
+                rows.append(run_store(label, open_client, root, args))
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
+
+    mb = sum(SHAPE.values()) * args.file_mb
+    print(f"\nfetch_load: {args.clients} clients sharing {args.dests} destinations, {args.readers} readers, "
+          f"{args.switches} version switches, {mb:.1f} MB/release")
+    print(f"{'store':<6} {'fetches':>7} {'failures':>8} {'reads':>6} {'gone':>5} {'mixed':>5} {'corrupt':>7} "
+          f"{'regress':>7} {'leftover':>8} {'p50 s':>6} {'wall s':>6} {'final':>5}  versions fetched")
+    for r in rows:
+        print(f"{r['store']:<6} {r['fetches']:>7} {r['failures']:>8} {r['reads']:>6} {r['gone']:>5} {r['mixed']:>5} "
+              f"{r['corrupt']:>7} {r['regressions']:>7} {r['leftovers']:>8} {r['p50']:>6.2f} {r['wall']:>6.1f} "
+              f"{'v' + r['final']:>5}  {r['seen']}")
+    ok = all(r["ok"] for r in rows)
+    print("RESULT:", "PASS" if ok else "FAIL")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

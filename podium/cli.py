@@ -1,9 +1,11 @@
 """The `podium` command: run the pipeline, manage data, inspect spaces, fetch released models."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -40,12 +42,18 @@ def _project_env(project_dir: Path) -> None:
 def retrain(config: Path = typer.Option(Path("configs/demo.yaml"), help="pipeline config (YAML)"),
             project_dir: Path = typer.Option(Path("."), help="the repository holding dvc.yaml and data/")) -> None:
     """Run the retrain flow: data → validation → anchors → methods → profiling → registry → store."""
-    _project_env(project_dir)
 
     def action() -> None:
+        from podium.config import load_config
+
+        load_config(config)  # a bad config fails before anything is created (Prefect's home included)
+        _project_env(project_dir)
         from podium.flows.retrain import run_retrain
 
-        run_retrain(str(config), str(project_dir))
+        result = run_retrain(str(config), str(project_dir))
+        typer.echo("written:")
+        for what, where in (result.written or {}).items():
+            typer.echo(f"  {what:<9} {where}")
 
     _run(action)
 
@@ -106,8 +114,9 @@ def fetch(model: str = typer.Option(...), device: str = typer.Option(...), dest:
 
 
 @app.command()
-def models(config: Path = typer.Option(Path("configs/demo.yaml"))) -> None:
-    """Print each device's champion: version, method, accuracy, p50, data hash, date."""
+def models(config: Path = typer.Option(Path("configs/demo.yaml")), project_dir: Path = typer.Option(Path("."))) -> None:
+    """Print each device's champion: version, method, accuracy, p50, data hash, date; settle an
+    interrupted promotion and repair a store that disagrees with the registry first."""
 
     def action() -> None:
         from datetime import datetime, timezone
@@ -116,7 +125,10 @@ def models(config: Path = typer.Option(Path("configs/demo.yaml"))) -> None:
         from podium.registry.mlflow_registry import ModelRegistry
 
         cfg = load_config(config)
+        _require_existing_tracking(cfg.tracking.uri, config)
         registry = ModelRegistry(cfg.tracking.uri, cfg.tracking.artifact_root)
+        registry.check_reachable()
+        notes = _reconcile_devices(cfg, registry, project_dir)
         typer.echo(f"{'device':<14} {'version':>7} {'method':<12} {'runtime':<12} {'prec':<5} {'val_acc':>7} "
                    f"{'p50 ms':>8} {'data hash':<14} date")
         for device in cfg.devices.use:
@@ -128,8 +140,72 @@ def models(config: Path = typer.Option(Path("configs/demo.yaml"))) -> None:
             typer.echo(f"{device:<14} {v.version:>7} {v.tags.get('method', ''):<12} {v.tags.get('runtime', '?'):<12} "
                        f"{v.tags.get('precision', 'fp32'):<5} {float(v.tags.get('val_acc', 'nan')):>7.4f} "
                        f"{float(v.tags.get('p50_ms', 'nan')):>8.3f} {v.tags.get('data_hash', '')[:12]:<14} {when}")
+        for note in notes:
+            typer.echo(f"note: {note}")
 
-    _run(action)
+    with _bounded_mlflow_http():
+        _run(action)
+
+
+def _require_existing_tracking(uri: str, config: Path) -> None:
+    """A read-only command must not create an empty tracking database or folder where none was."""
+    from urllib.parse import urlparse
+
+    from podium.errors import RegistryError
+
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if path == ":memory:" or Path(path).is_file():
+            return
+    elif uri.startswith("file:") or "://" not in uri:
+        path = urlparse(uri).path if uri.startswith("file:") else uri
+        if Path(path).is_dir():
+            return
+    else:
+        return  # a server: check_reachable answers in seconds
+    raise RegistryError(f"{config}: tracking.uri {uri}: {path} does not exist (nothing was ever tracked there; "
+                        "run `podium retrain` first, or fix the path)")
+
+
+@contextlib.contextmanager
+def _bounded_mlflow_http(timeout_s: int = 5) -> Iterator[None]:
+    """MLflow's HTTP client retries for minutes by default; an inspecting command answers in seconds."""
+    bounds = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    saved = {key: os.environ.get(key) for key in bounds}
+    os.environ.update(bounds)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _config_store(cfg, project_dir: Path):
+    """The config's artifact store; a relative folder resolves against the project."""
+    from podium.registry.stores import open_store
+
+    uri = cfg.store.uri
+    if "://" not in uri and not Path(uri).is_absolute():
+        uri = str(project_dir / uri)
+    return open_store(uri, cfg.store.endpoint_url)
+
+
+def _reconcile_devices(cfg, registry, project_dir: Path) -> list[str]:
+    """Registry and store made to agree for each device, under the promotion lock; one line per repair.
+    A promotion in progress elsewhere is left alone (its lock is held)."""
+    from podium.registry import promotion
+    from podium.registry.store_lock import LockHeld, promotion_lock
+
+    store = _config_store(cfg, project_dir)
+    try:
+        with promotion_lock(store, cfg.model_name, wait_s=0):
+            return [note for device in cfg.devices.use
+                    for note in promotion.reconcile(registry, store, cfg.model_name, device)[1]]
+    except LockHeld as exc:
+        return [f"registry and store not checked: {exc}"]
 
 
 @app.command()
@@ -142,12 +218,13 @@ def rollback(model: str = typer.Option(...), device: str = typer.Option(...),
         from podium.config import load_config
         from podium.registry import promotion
         from podium.registry.mlflow_registry import ModelRegistry
-        from podium.registry.stores import open_store
+        from podium.registry.store_lock import promotion_lock
 
         cfg = load_config(config)
         registry = ModelRegistry(cfg.tracking.uri, cfg.tracking.artifact_root)
-        store_uri = cfg.store.uri if "://" in cfg.store.uri else str(project_dir / cfg.store.uri)
-        was, now = promotion.rollback(registry, open_store(store_uri, cfg.store.endpoint_url), model, device)
+        store = _config_store(cfg, project_dir)
+        with promotion_lock(store, model):
+            was, now = promotion.rollback(registry, store, model, device)
         typer.echo(f"{model}@{device}: v{was} -> v{now} (registry alias and store current.json)")
 
     _run(action)

@@ -22,6 +22,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from podium.errors import RegistryError, first_line
+from podium.files import load_json
 
 log = logging.getLogger("podium.registry")
 
@@ -148,6 +149,22 @@ class ModelRegistry:
         for key, value in tags.items():
             self.client.set_model_version_tag(registered_name, str(version), key, str(value))
 
+    def model_tags(self, registered_name: str) -> dict[str, str]:
+        """The registered model's own tags (not its versions'); empty when it is not registered yet."""
+        try:
+            return dict(self.client.get_registered_model(registered_name).tags)
+        except MlflowException:
+            return {}
+
+    def set_model_tag(self, registered_name: str, key: str, value: Any) -> None:
+        self.client.set_registered_model_tag(registered_name, key, str(value))
+
+    def delete_model_tag(self, registered_name: str, key: str) -> None:
+        try:
+            self.client.delete_registered_model_tag(registered_name, key)
+        except MlflowException:  # already gone
+            pass
+
     def search_versions(self, registered_name: str, filter_tags: dict[str, str] | None = None) -> list[ModelVersion]:
         query = f"name = '{registered_name}'"
         for key, value in (filter_tags or {}).items():
@@ -171,8 +188,14 @@ def model_files(download_dir: Path) -> dict[str, Path]:
     found = {p.name: p for p in Path(download_dir).rglob("*") if p.is_file()}
     wanted = ["model.onnx", "weights.safetensors", "metadata.json"]
     if "metadata.json" in found:
-        artifact = json.loads(found["metadata.json"].read_text()).get("artifact") or {}
-        wanted += [n for n in artifact.get("files", []) if n not in wanted]
+        try:
+            metadata = load_json(found["metadata.json"])
+            artifact = (metadata.get("artifact") or {}) if isinstance(metadata, dict) else None
+        except ValueError as exc:
+            raise RegistryError(f"downloaded model in {download_dir}: metadata.json {exc}") from None
+        if not isinstance(artifact, dict) or not isinstance(artifact.get("files", []), list):
+            raise RegistryError(f"downloaded model in {download_dir}: metadata.json has no valid 'artifact'")
+        wanted += [str(n) for n in artifact.get("files", []) if n not in wanted]
     missing = [n for n in wanted if n not in found]
     if missing:
         raise RegistryError(f"downloaded model in {download_dir} lacks {', '.join(missing)}")

@@ -15,14 +15,18 @@ Why it is safe:
   object PUT is atomic, so a reader sees either the old pointer or the new one, never half of one.
 * ``current.json`` carries the manifest's sha256 and the manifest carries every file's size and
   sha256, so `fetch_release` can prove that what it downloaded is exactly what was published. It
-  downloads into a temp folder next to ``dest`` and moves it into place only when every check
-  passed: on any mismatch ``dest`` is left exactly as it was.
+  downloads into a staging folder next to ``dest`` and moves it into place only when every check
+  passed: on any mismatch ``dest`` is left exactly as it was. It replaces only a folder its own
+  marker (``.podium-fetch.json``) says is a fetch of the same model and device, holding nothing else.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
+import fcntl
 import functools
+import glob
 import hashlib
 import json
 import logging
@@ -30,20 +34,22 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
 from podium.errors import ReleaseError, StoreError
-from podium.files import size_and_sha256
+from podium.files import parse_json, size_and_sha256
 from podium.registry.stores import ArtifactStore
 
 log = logging.getLogger("podium.release")
 
-__all__ = ["ReleaseError", "publish_release", "read_current", "set_current", "list_versions", "fetch_release",
-           "check_name", "release_prefix", "MANIFEST", "CURRENT"]
+__all__ = ["CURRENT", "FETCH_MARKER", "MANIFEST", "ReleaseError", "check_name", "fetch_release", "list_versions",
+           "publish_release", "read_current", "read_fetch_marker", "release_prefix", "set_current"]
 
 MANIFEST = "manifest.json"
+MAX_DOCUMENT_BYTES = 4 << 20  # a manifest or current.json: a few KB; anything far larger is refused unread
 CURRENT = "current.json"
 FORMAT = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -75,9 +81,9 @@ def _encode(doc: Mapping[str, Any]) -> bytes:
 
 def _parse(data: bytes, what: str) -> dict:
     try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise ReleaseError(f"{what} is not valid JSON") from None
+        doc = parse_json(data, MAX_DOCUMENT_BYTES)
+    except ValueError as exc:
+        raise ReleaseError(f"{what} {exc}") from None
     if not isinstance(doc, dict):
         raise ReleaseError(f"{what} is not a JSON object")
     return doc
@@ -161,14 +167,14 @@ def publish_release(store: ArtifactStore, model: str, device: str, version: obje
     manifest_key = f"{prefix}/{MANIFEST}"
     stale: list[str] = []
     if store.exists(manifest_key):
-        old = _parse(store.get_bytes(manifest_key), f"{where} manifest")
+        old = _parse(store.get_bytes(manifest_key, MAX_DOCUMENT_BYTES), f"{where} manifest")
         old_entries = [{k: e.get(k) for k in ("name", "size", "sha256")} for e in old.get("files", [])
                        if isinstance(e, dict)]
         if sorted(old_entries, key=lambda e: str(e["name"])) == entries:
             log.info("%s already published with identical files: checking it and pointing current at it", where)
             _validate_manifest(old, where, model, device, version)
             _upload_and_verify(store, prefix, files, entries, where, only_repair=True)
-            _write_current(store, model, device, version, manifest_key, store.get_bytes(manifest_key))
+            _write_current(store, model, device, version, manifest_key, store.get_bytes(manifest_key, MAX_DOCUMENT_BYTES))
             return old
         if not overwrite:
             changed = sorted({e["name"] for e in entries} ^ {str(e["name"]) for e in old_entries}
@@ -182,7 +188,7 @@ def publish_release(store: ArtifactStore, model: str, device: str, version: obje
     _upload_and_verify(store, prefix, files, entries, where)
     data = _encode(manifest)
     store.put_bytes(manifest_key, data)
-    if store.get_bytes(manifest_key) != data:
+    if store.get_bytes(manifest_key, MAX_DOCUMENT_BYTES) != data:
         raise ReleaseError(f"{where}: manifest read back differs from what was written")
     _write_current(store, model, device, version, manifest_key, data)
     for key in stale:  # files of an overwritten version that the new manifest no longer lists
@@ -222,7 +228,7 @@ def read_current(store: ArtifactStore, model: str, device: str) -> dict | None:
     """The ``current.json`` pointer of a model/device, or None when nothing was published."""
     key = f"{release_prefix(model, device)}/{CURRENT}"
     try:
-        data = store.get_bytes(key)
+        data = store.get_bytes(key, MAX_DOCUMENT_BYTES)
     except StoreError as exc:
         if exc.kind == "missing":
             return None
@@ -241,7 +247,7 @@ def set_current(store: ArtifactStore, model: str, device: str, version: object) 
     where = f"release {model}/{device} v{version}"
     manifest_key = f"{prefix}/{MANIFEST}"
     try:
-        data = store.get_bytes(manifest_key)
+        data = store.get_bytes(manifest_key, MAX_DOCUMENT_BYTES)
     except StoreError as exc:
         if exc.kind == "missing":
             raise ReleaseError(f"{where} does not exist in {store.uri}") from None
@@ -269,12 +275,24 @@ def list_versions(store: ArtifactStore, model: str, device: str) -> list[str]:
 
 # -------------------------------------------------------------------------------------- retrieval
 
+FETCH_MARKER = ".podium-fetch.json"  # written into every fetched folder: only such a folder is replaced
+_STAGING = ".podium-fetch-"  # ``.{dest}.podium-fetch-XXXX``: a download in progress, or one a kill left
+_RETIRED = ".podium-old-"  # ``.{dest}.podium-old-XXXX``: a replaced fetch on its way out
+_STAGING_GRACE_S = 10.0  # a staging folder younger than this may not hold its owner's lock yet
+_MARKER_MAX_BYTES = 1 << 20
+
+
 def fetch_release(store: ArtifactStore, model: str, device: str, dest: Path | str,
                   version: object | None = None) -> dict:
     """Download a release into ``dest`` (a folder), verifying every file; returns the manifest.
 
-    ``dest`` must not exist, be an empty folder, or hold a previous fetch (it has a manifest.json),
-    which is replaced atomically. Nothing is written to ``dest`` unless every check passes.
+    ``dest`` must not exist, be an empty folder, or hold a previous fetch of the same model and
+    device (its ``.podium-fetch.json`` marker lists every file it installed, and nothing else is
+    there); anything else is refused and left untouched. The release is downloaded into a staging
+    folder beside ``dest`` and swapped in atomically only when every check passed; staging folders of
+    killed fetches are removed by the next fetch into ``dest``. A reader that must see one version
+    while fetches replace ``dest`` opens ``dest`` once (``os.open``) and reads its files through that
+    handle (``dir_fd=``): a swap then never mixes two versions under it.
     """
     dest = Path(dest).absolute()
     pointer = read_current(store, model, device)
@@ -285,25 +303,27 @@ def fetch_release(store: ArtifactStore, model: str, device: str, dest: Path | st
     version = str(version)
     prefix = release_prefix(model, device, version)
     where = f"release {model}/{device} v{version}"
-    _check_dest(dest)
+    _check_dest(dest, model, device)
 
     try:
-        manifest_bytes = store.get_bytes(f"{prefix}/{MANIFEST}")
+        manifest_bytes = store.get_bytes(f"{prefix}/{MANIFEST}", MAX_DOCUMENT_BYTES)
     except StoreError as exc:
         if exc.kind == "missing":
             raise ReleaseError(f"{where} does not exist in {store.uri}") from None
         raise
-    if pointer is not None and str(pointer.get("version")) == version:
-        got = hashlib.sha256(manifest_bytes).hexdigest()
-        if got != pointer["manifest_sha256"]:
-            raise ReleaseError(f"{where}: manifest.json sha256 {got[:12]}… does not match current.json "
-                               f"({str(pointer['manifest_sha256'])[:12]}…)")
+    manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
+    if pointer is not None and str(pointer.get("version")) == version and manifest_sha != pointer["manifest_sha256"]:
+        raise ReleaseError(f"{where}: manifest.json sha256 {manifest_sha[:12]}… does not match current.json "
+                           f"({str(pointer['manifest_sha256'])[:12]}…)")
     manifest = _parse(manifest_bytes, f"{where} manifest")
     entries = _validate_manifest(manifest, where, model, device, version)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.fetch-"))
+    _remove_abandoned_staging(dest)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}{_STAGING}"))
+    held = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
     try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # "a live fetch owns this": released by the kernel if we die
         for entry in entries:
             name = entry["name"]
             local = tmp / name
@@ -320,36 +340,127 @@ def fetch_release(store: ArtifactStore, model: str, device: str, dest: Path | st
                 raise ReleaseError(f"{where}: file {name!r} sha256 {sha[:12]}… does not match the manifest "
                                    f"({entry['sha256'][:12]}…)")
         (tmp / MANIFEST).write_bytes(manifest_bytes)
-        _install(tmp, dest)
+        installed = sorted([*(e["name"] for e in entries), MANIFEST])
+        (tmp / FETCH_MARKER).write_bytes(_encode({
+            "format": FORMAT, "model": model, "device": device, "version": version, "manifest_sha256": manifest_sha,
+            "files": installed, "store": store.uri, "fetched_at": _now()}))
+        _ordinary_permissions(tmp, [*installed, FETCH_MARKER])
+        _install(tmp, dest, model, device)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(held)
     log.info("fetched %s from %s into %s", where, store.uri, dest)
     return manifest
 
 
-def _check_dest(dest: Path) -> None:
+def read_fetch_marker(folder: Path) -> dict | None:
+    """The marker of a Podium fetch in ``folder`` (model, device, version, files), or None."""
+    marker = Path(folder) / FETCH_MARKER
+    if marker.is_symlink() or not marker.is_file():
+        return None
+    if marker.stat().st_size > _MARKER_MAX_BYTES:
+        raise ReleaseError(f"{marker} is larger than {_MARKER_MAX_BYTES} bytes: not a Podium fetch marker")
+    record = _parse(marker.read_bytes(), str(marker))
+    if not isinstance(record.get("files"), list):
+        raise ReleaseError(f"{marker} lists no files: not a Podium fetch marker")
+    return record
+
+
+def _check_dest(dest: Path, model: str, device: str) -> None:
+    """Refuse any destination but a missing or empty folder or a previous fetch of this model/device."""
     if not dest.exists() and not dest.is_symlink():
         return
     if dest.is_symlink() or not dest.is_dir():
         raise ReleaseError(f"destination {dest} exists and is not a folder")
-    if any(dest.iterdir()) and not (dest / MANIFEST).is_file():
-        raise ReleaseError(f"destination {dest} is not empty and does not hold a previous fetch")
+    present = sorted(p.name for p in dest.iterdir())
+    if not present:
+        return
+    record = read_fetch_marker(dest)
+    if record is None:
+        raise ReleaseError(f"destination {dest} is not empty and does not hold a previous fetch (no {FETCH_MARKER}): "
+                           f"refusing to replace it")
+    if (record.get("model"), record.get("device")) != (model, device):
+        raise ReleaseError(f"destination {dest} holds a fetch of {record.get('model')}/{record.get('device')}, "
+                           f"not {model}/{device}: refusing to replace it")
+    foreign = [name for name in present if name not in {*map(str, record["files"]), FETCH_MARKER}]
+    if foreign:
+        raise ReleaseError(f"destination {dest} holds files its fetch did not write ({', '.join(foreign[:5])}): "
+                           f"refusing to replace it")
 
 
-def _install(tmp: Path, dest: Path) -> None:
-    """Move a verified release folder into place: rename, or an atomic swap with a previous fetch."""
-    _check_dest(dest)  # again: it may have changed while we downloaded
-    if not dest.exists() or not any(dest.iterdir()):
-        os.replace(tmp, dest)  # rename(2) onto a missing or empty folder is atomic
-        return
-    if _exchange(tmp, dest):  # Linux renameat2(RENAME_EXCHANGE): readers never see a missing dest
-        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous fetch
-        return
-    old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
-    os.replace(dest, old)  # fallback: two renames; dest is briefly absent but never partial
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would, for every thread at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def _ordinary_permissions(folder: Path, names: list[str]) -> None:
+    """Files 0644 and the folder 0755 (less the umask): temp files and folders are created private."""
+    umask = _umask()
+    for name in names:
+        os.chmod(folder / name, 0o666 & ~umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
+def _remove_abandoned_staging(dest: Path) -> None:
+    """Remove what killed fetches into ``dest`` left beside it: staging folders no live fetch holds
+    locked (past a grace period), and replaced fetches still on their way out."""
+    for path in dest.parent.glob(f".{glob.escape(dest.name)}.podium-*"):
+        if path.is_symlink() or not path.is_dir():
+            continue
+        if path.name.startswith(f".{dest.name}{_STAGING}"):
+            try:
+                if time.time() - path.stat().st_mtime < _STAGING_GRACE_S:
+                    continue
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue  # installed or removed meanwhile
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live fetch is downloading into it
+            finally:
+                os.close(fd)
+        elif not path.name.startswith(f".{dest.name}{_RETIRED}"):
+            continue
+        log.info("removing %s, left by an interrupted fetch", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _install(tmp: Path, dest: Path, model: str, device: str) -> None:
+    """Move a verified release folder into place: a rename onto a missing or empty folder, else an
+    atomic swap with the previous fetch. Fetches racing for ``dest`` each install a whole release."""
+    for _attempt in range(10):
+        _check_dest(dest, model, device)  # again: it may have changed while we downloaded
+        if not dest.exists() or not any(dest.iterdir()):
+            try:
+                os.replace(tmp, dest)  # rename(2) onto a missing or empty folder is atomic
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                continue  # another fetch installed first: swap with it
+        if _exchange(tmp, dest):  # Linux renameat2(RENAME_EXCHANGE): readers never see a missing dest
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous fetch
+            return
+        old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}{_RETIRED}"))
+        try:
+            os.replace(dest, old)  # fallback: two renames; dest is briefly absent but never partial
+            os.replace(tmp, dest)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+    raise ReleaseError(f"destination {dest} kept changing while installing the fetch: try again")
 
 
 _RENAME_EXCHANGE = 2

@@ -1,13 +1,11 @@
 """Run-level bookkeeping of the retrain flow: the tracked MLflow run, the config digest, the last
-completed run, the promotion lock."""
+completed run. (The promotion lock lives in the store: :mod:`podium.registry.store_lock`.)"""
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -100,30 +98,3 @@ def tracked_run(cfg: PodiumConfig, devices: list[DeviceProfile], config_path: st
         raise
     run._end("FINISHED")
 
-
-@contextmanager
-def promotion_lock(cache_dir: Path, model_name: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``model_name``'s promotions while the body runs.
-
-    Read champion → decide → publish → move alias must not interleave between two runs, or both
-    could compare against the same champion and the later alias move would silently win. The lock
-    is an ``flock`` on a file under the cache dir: the kernel drops it when the holder dies, so a
-    crashed run never blocks the next one, and it needs no server. (A Prefect global concurrency
-    limit is a silent no-op until the limit is created, and with the ephemeral API a slot taken by a
-    killed run stayed taken: its lease lived in that run's own server process, and the next acquire
-    timed out.)
-    It serializes runs sharing a cache dir: one project checkout, or a shared filesystem for workers."""
-    path = cache_dir / "locks" / f"promote-{model_name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:  # each open() is its own lock holder, so threads serialize too
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another run's promotion of %s (%s)", model_name, path)
-            start = time.monotonic()
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            log.info("promotion lock for %s taken after %.1f s", model_name, time.monotonic() - start)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

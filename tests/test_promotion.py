@@ -1,13 +1,11 @@
-"""Champion/challenger promotion, rollback, the early end of unchanged scheduled runs and the
-promotion lock, through the real flow (SQLite MLflow, moto S3, Prefect test harness).
+"""Champion/challenger promotion, rollback and the early end of unchanged scheduled runs, through
+the real flow (SQLite MLflow, moto S3, Prefect test harness).
 
 Configs use one tiny anchor and no methods so each flow run takes seconds; a different anchor seed
 gives a new winner (a new digest), and the test edits the champion's ``val_acc`` tag to decide who
 wins."""
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,6 @@ from podium.flows.retrain import retrain, run_retrain
 from podium.registry.mlflow_registry import ModelRegistry
 from podium.registry.release import read_current
 from podium.registry.stores import open_store
-from podium.tasks.runs import promotion_lock
 from tests.flow_helpers import BUCKET, REPO, write_config
 
 pytestmark = pytest.mark.integration
@@ -65,7 +62,8 @@ def test_first_winner_is_promoted_with_its_reason(first, services):
     assert str(current(services)["version"]) == str(version.version)
     runs = registry(services).client.get_run(result.run_id)
     assert runs.data.tags["completed"] == "true" and runs.data.tags["config_digest"]
-    assert (Path(services["root"]) / "cache" / "locks" / f"promote-{MODEL}.lock").exists()  # promoted under the lock
+    assert not open_store(PREFIX, services["endpoint"]).exists(f"{MODEL}/_locks/promote.json")  # lock released
+    assert "podium.intent.cpu-1t" not in registry(services).model_tags(MODEL)  # the two-phase move finished
 
 
 def test_unchanged_scheduled_run_ends_early_and_trains_nothing(first, services):
@@ -115,32 +113,6 @@ def test_winning_challenger_then_rollback(first, services):
     assert str(champion(services).version) == str(held.version)
     assert str(current(services)["version"]) == str(held.version)
     assert reg.get_version(MODEL, outcome.version).tags["promotion"] == "rolled-back"
-
-
-def test_promotion_lock_serializes_concurrent_promotions(tmp_path):
-    inside, events = threading.Semaphore(1), []
-    first_in = threading.Event()
-
-    def promote(name: str) -> None:
-        with promotion_lock(tmp_path, MODEL):
-            assert inside.acquire(blocking=False), "two promotions inside the lock at once"
-            events.append(f"{name}:in")
-            first_in.set()
-            time.sleep(0.2)  # hold it long enough for the other thread to be waiting
-            events.append(f"{name}:out")
-            inside.release()
-
-    a = threading.Thread(target=promote, args=("a",))
-    a.start()
-    first_in.wait(10)
-    b = threading.Thread(target=promote, args=("b",))
-    b.start()
-    a.join(10)
-    b.join(10)
-    assert events == ["a:in", "a:out", "b:in", "b:out"]
-    with promotion_lock(tmp_path, "other-model"):  # locks are per model
-        with promotion_lock(tmp_path, MODEL):
-            pass
 
 
 def test_prefect_yaml_declares_the_scheduled_retrain():

@@ -71,7 +71,7 @@ def test_publish_and_fetch_roundtrip(store: ArtifactStore, tmp_path: Path) -> No
     dest = tmp_path / "deploy" / "model"
     got = fetch_release(store, MODEL, DEVICE, dest)
     assert got == manifest
-    assert sorted(p.name for p in dest.iterdir()) == sorted([*files, "manifest.json"])
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*files, "manifest.json", ".podium-fetch.json"])
     for name, path in files.items():
         assert (dest / name).read_bytes() == path.read_bytes()
     assert [p.name for p in dest.parent.iterdir()] == ["model"]  # no temp folders left next to dest
@@ -174,10 +174,13 @@ def test_failed_publish_leaves_previous_current(store: ArtifactStore, tmp_path: 
 
 
 def _prepare_dest(tmp_path: Path) -> Path:
+    """A previous fetch of the same model and device (its marker lists what it installed)."""
     dest = tmp_path / "deploy"
     dest.mkdir()
-    (dest / "manifest.json").write_text("{\"version\": \"old\"}")  # a previous fetch
+    (dest / "manifest.json").write_text("{\"version\": \"old\"}")
     (dest / "model.onnx").write_bytes(b"old model")
+    (dest / ".podium-fetch.json").write_text(json.dumps({"model": MODEL, "device": DEVICE, "version": "old",
+                                                         "files": ["manifest.json", "model.onnx"]}))
     return dest
 
 

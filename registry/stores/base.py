@@ -48,7 +48,12 @@ class ArtifactStore(ABC):
     def _put_bytes(self, key: str, data: bytes) -> None: ...
 
     @abstractmethod
-    def _get_bytes(self, key: str) -> bytes: ...
+    def _create_if_absent(self, key: str, data: bytes) -> bool:
+        """Write the whole object only if none exists at ``key``, atomically; False when one exists."""
+
+    @abstractmethod
+    def _get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; with ``max_bytes``, at most ``max_bytes + 1`` of them."""
 
     @abstractmethod
     def _download(self, key: str, path: Path) -> None:
@@ -90,9 +95,20 @@ class ArtifactStore(ABC):
         check_key(key)
         self._guard("put", key, lambda: self._put_bytes(key, data))
 
-    def get_bytes(self, key: str) -> bytes:
+    def create_if_absent(self, key: str, data: bytes) -> bool:
+        """Write ``data`` at ``key`` unless an object is there: of writers racing for a key exactly one
+        gets True, and readers see the winner's whole object (the store's locks are built on this)."""
         check_key(key)
-        return self._guard("get", key, lambda: self._get_bytes(key))
+        return self._guard("put", key, lambda: self._create_if_absent(key, data))
+
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The object at ``key``; ``max_bytes`` bounds what is read (a document the caller parses), and a
+        larger object is a StoreError (``invalid``) without reading the rest."""
+        check_key(key)
+        data = self._guard("get", key, lambda: self._get_bytes(key, max_bytes))
+        if max_bytes is not None and len(data) > max_bytes:
+            raise StoreError(f"{self.describe(key)} is larger than {max_bytes:,} bytes: refused", "invalid")
+        return data
 
     def get_file(self, key: str, dest_path: Path | str) -> None:
         """Download to ``dest_path`` atomically: a reader never sees a partial file there."""

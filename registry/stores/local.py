@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -43,8 +44,26 @@ class LocalStore(ArtifactStore):
     def _put_bytes(self, key: str, data: bytes) -> None:
         atomic_write_bytes(self._path(key), data, fsync=True)
 
-    def _get_bytes(self, key: str) -> bytes:
-        return self._path(key).read_bytes()
+    def _create_if_absent(self, key: str, data: bytes) -> bool:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f"{TMP_MARK}{target.name}.")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(name, target)  # link(2) never replaces: one racer wins, with a complete file
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            os.unlink(name)
+
+    def _get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        with open(self._path(key), "rb") as handle:
+            return handle.read() if max_bytes is None else handle.read(max_bytes + 1)
 
     def _download(self, key: str, path: Path) -> None:
         src = self._path(key)

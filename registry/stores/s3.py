@@ -82,8 +82,21 @@ class S3Store(ArtifactStore):
     def _put_bytes(self, key: str, data: bytes) -> None:
         self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
-    def _get_bytes(self, key: str) -> bytes:
-        return self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+    def _create_if_absent(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:  # a conditional write: S3 (since 2024), MinIO and moto refuse it when the key exists
+            self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+        except ClientError as exc:
+            # 409: another conditional write to the key is in flight; it will be the winner
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+
+    def _get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        ranged = {} if max_bytes is None else {"Range": f"bytes=0-{max_bytes}"}  # at most max_bytes + 1
+        return self._client.get_object(Bucket=self.bucket, Key=self._key(key), **ranged)["Body"].read()
 
     def _download(self, key: str, path: Path) -> None:
         self._client.download_file(self.bucket, self._key(key), str(path))
