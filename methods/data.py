@@ -359,6 +359,12 @@ class DataBundle:
         return DataBundle(splits=splits, class_names=self.class_names, input_spec=self.input_spec,
                           data_hash=self.data_hash, cfg=self.cfg, seed=self.seed, in_memory=self.in_memory)
 
+    def restrict(self, split: str, indices: Sequence[int]) -> "DataBundle":
+        """The same bundle with ``split`` cut down to the images at ``indices`` (in that split's order)."""
+        splits = {**self.splits, split: self.splits[split].take(indices)}
+        return DataBundle(splits=splits, class_names=self.class_names, input_spec=self.input_spec,
+                          data_hash=self.data_hash, cfg=self.cfg, seed=self.seed, in_memory=self.in_memory)
+
     def hold_out(self, images: int, split: str) -> "DataBundle":
         """The same bundle with ``images`` training images, drawn at random with the bundle's seed,
         moved out of ``train`` into a new split ``split``: data to fit or select on that training never

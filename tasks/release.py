@@ -19,16 +19,18 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from podium.data import MANIFEST, read_manifest
 from podium.errors import first_line
+from podium.files import load_json, sha256_file
 from podium.methods.data import DataBundle
 from podium.methods.export import with_metadata
 from podium.methods.profiling import DeviceProfile, LatencyStats
 from podium.methods.runtimes import available_runtimes, get_runtime
 from podium.registry import promotion
 from podium.registry.mlflow_registry import model_files
+from podium.registry.store_lock import promotion_lock
 from podium.tasks.common import TRANSIENT_RETRIES, DatasetRef, RunContext, load_data
 from podium.tasks.profile import MeasuredCandidate
-from podium.tasks.runs import promotion_lock
 
 log = logging.getLogger("podium.tasks.release")
 
@@ -101,34 +103,101 @@ def choose_winner(pool: list[MeasuredCandidate], device: DeviceProfile, val_imag
     return Choice(winner, why, tuple(sorted(m.name for m in tied if m is not winner)), ambiguous)
 
 
-def _champion_accuracy_on(ctx: RunContext, version, data: DataBundle) -> float | None:
-    """Re-evaluate a champion on this run's validation split (data hash changed): its own runtime's
-    artifact in its precision where that runtime is here, else its ONNX graph with ONNX Runtime."""
+TRAINING_IMAGES = "lineage/training_images.npy"  # per run: content keys of the images its models trained on
+MIN_FAIR_IMAGES = 20  # fewer unseen validation images than this cannot rank two models
+
+
+def split_keys(ref: DatasetRef, data: DataBundle, split: str) -> np.ndarray | None:
+    """Content keys of ``split``'s images in the split's order: the first 64 bits of each file's
+    sha256 (from the dataset manifest; a file it does not list is hashed). None for in-memory data."""
+    paths = data.splits[split].paths
+    if paths is None:
+        return None
+    root = Path(ref.root)
+    listed = {row["path"]: row["sha256"] for row in read_manifest(root)} if (root / MANIFEST).is_file() else {}
+    return np.array([int((listed.get(p) or sha256_file(root / p))[:16], 16) for p in paths], dtype=np.uint64)
+
+
+def log_training_images(ctx: RunContext, ref: DatasetRef, data: DataBundle) -> None:
+    """Record what this run's models trained on (sorted unique content keys, a .npy with no pickle),
+    so a later run on changed data can compare them with a challenger on images neither has seen."""
+    keys = split_keys(ref, data, "train")
+    if keys is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(TRAINING_IMAGES).name
+        np.save(path, np.unique(keys), allow_pickle=False)
+        ctx.registry.log_artifact(ctx.run_id, path, str(Path(TRAINING_IMAGES).parent))
+
+
+def _training_keys_of(ctx: RunContext, version) -> np.ndarray | None:
+    """The content keys a registered version's run trained on; None when that run did not record them."""
+    run_id = version.tags.get("run_id") or version.run_id
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            files = model_files(ctx.registry.download_version(ctx.cfg.model_name, version.version, Path(tmp)))
-            meta = json.loads(files["metadata.json"].read_text())
-            size = tuple(meta["input_size"])
-            # the champion's own normalisation on this run's images, read at its size
-            spec = data.input_spec
-            theirs = meta["input_spec"]
-            scale = torch.tensor(spec.std).view(1, -1, 1, 1) / torch.tensor(theirs["std"]).view(1, -1, 1, 1)
-            shift = (torch.tensor(spec.mean) - torch.tensor(theirs["mean"])).view(1, -1, 1, 1) / torch.tensor(
-                theirs["std"]).view(1, -1, 1, 1)
-            artifact = meta.get("artifact") or {}
-            runtime, main = artifact.get("runtime", "onnxruntime"), artifact.get("main", "model.onnx")
-            if runtime not in available_runtimes() or main not in files:
-                runtime, main = "onnxruntime", "model.onnx"
-            correct = total = 0
-            with get_runtime(runtime).open(files[main], threads=1) as session:
-                for images, labels in data.eval_loader("val", size):
-                    logits = session.predict((images * scale + shift).numpy())
-                    correct += int((np.argmax(logits, axis=1) == labels.numpy()).sum())
-                    total += labels.numel()
-        return correct / max(total, 1)
-    except Exception as exc:  # an incompatible champion (other classes, channels) cannot be compared
-        log.warning("champion v%s could not be re-evaluated: %s", version.version, str(exc).splitlines()[0][:200])
+            local = ctx.registry.client.download_artifacts(run_id, TRAINING_IMAGES, tmp)
+            keys = np.load(local, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - an older run, or a missing artifact: no fair comparison
+        log.warning("champion v%s: its training images are not on record (%s)", version.version, first_line(exc)[:200])
         return None
+    return keys if keys.ndim == 1 and keys.dtype == np.uint64 else None
+
+
+def _release_accuracy(files: dict[str, Path], meta: dict, data: DataBundle) -> float:
+    """A release's accuracy on ``data``'s validation split: its own runtime's artifact in its precision
+    where that runtime is here, else its ONNX graph with ONNX Runtime, fed with its own normalisation."""
+    size = tuple(meta["input_size"])
+    spec, theirs = data.input_spec, meta["input_spec"]
+    scale = torch.tensor(spec.std).view(1, -1, 1, 1) / torch.tensor(theirs["std"]).view(1, -1, 1, 1)
+    shift = (torch.tensor(spec.mean) - torch.tensor(theirs["mean"])).view(1, -1, 1, 1) / torch.tensor(
+        theirs["std"]).view(1, -1, 1, 1)
+    artifact = meta.get("artifact") or {}
+    runtime, main = artifact.get("runtime", "onnxruntime"), artifact.get("main", "model.onnx")
+    if runtime not in available_runtimes() or main not in files:
+        runtime, main = "onnxruntime", "model.onnx"
+    correct = total = 0
+    with get_runtime(runtime).open(files[main], threads=1) as session:
+        for images, labels in data.eval_loader("val", size):
+            logits = session.predict((images * scale + shift).numpy())
+            correct += int((np.argmax(logits, axis=1) == labels.numpy()).sum())
+            total += labels.numel()
+    return correct / max(total, 1)
+
+
+@dataclass(frozen=True)
+class FairComparison:
+    """Champion and challenger on the validation images neither trained on (the data changed)."""
+
+    champion_acc: float | None  # None: no honest comparison was possible (``note`` says why)
+    challenger_acc: float | None
+    note: str
+
+
+def compare_on_unseen(ctx: RunContext, ref: DatasetRef, data: DataBundle, champion, challenger_files: dict[str, Path],
+                      challenger_meta: dict) -> FairComparison:
+    """Re-evaluate the champion, and the challenger beside it, on this run's validation images whose
+    content the champion's run did not train on (the challenger never trains on validation images).
+    A new split can hold the champion's old training images: scoring it there would favour it."""
+    trained = _training_keys_of(ctx, champion)
+    val = split_keys(ref, data, "val")
+    if trained is None or val is None:
+        return FairComparison(None, None, f"champion v{champion.version}'s training images are not on record")
+    unseen = np.flatnonzero(~np.isin(val, trained))
+    if len(unseen) < MIN_FAIR_IMAGES:
+        return FairComparison(None, None, f"only {len(unseen)} of {len(val)} validation images are new to "
+                                          f"champion v{champion.version}")
+    fair = data.restrict("val", unseen.tolist())
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            files = model_files(ctx.registry.download_version(ctx.cfg.model_name, champion.version, Path(tmp)))
+            champion_acc = _release_accuracy(files, load_json(files["metadata.json"]), fair)
+    except Exception as exc:  # noqa: BLE001 - an incompatible champion (other classes, channels)
+        log.warning("champion v%s could not be re-evaluated: %s", champion.version, first_line(exc)[:200])
+        return FairComparison(None, None, f"champion v{champion.version} could not be re-evaluated")
+    challenger_acc = _release_accuracy(challenger_files, challenger_meta, fair)
+    return FairComparison(champion_acc, challenger_acc,
+                          f"both scored on the {len(unseen)} of {len(val)} validation images the champion never "
+                          f"trained on")
 
 
 def runtime_files(winner: MeasuredCandidate, device: DeviceProfile) -> list[Path]:
@@ -179,18 +248,21 @@ def promote_and_publish(ctx: RunContext, ref: DatasetRef, device: DeviceProfile,
         return Outcome(device.name, None, reason=chosen or "no candidate")
     registry, name, store = ctx.registry, ctx.cfg.model_name, ctx.open_store()
     cand, stats, exported = winner.candidate, winner.stats[device.name], winner.export
-    champion = registry.version_by_alias(name, device.name)
+    champion, _repaired = promotion.reconcile(registry, store, name, device.name)  # after a crash, agree first
     if champion is not None and champion.tags.get("digest") == exported.digest:
         promotion.keep_champion(registry, store, name, device.name, champion)
         return Outcome(device.name, cand.name, champion.version, False, "unchanged: the winner is the champion")
     data = load_data(ctx, ref)
-    champion_acc = None
-    if champion is not None and champion.tags.get("data_hash") != ref.data_hash:
-        champion_acc = _champion_accuracy_on(ctx, champion, data)
-    decision = promotion.decide_promotion(cand.metrics["val_acc"], champion, ref.data_hash, champion_acc)
-
     shipped = runtime_files(winner, device)
     metadata = {**_metadata(ctx, ref, data, winner, device, stats, shipped), "chosen": chosen}
+    challenger_acc, fair = cand.metrics["val_acc"], None
+    if champion is not None and champion.tags.get("data_hash") != ref.data_hash:
+        fair = compare_on_unseen(ctx, ref, data, champion, {"model.onnx": exported.onnx, **{p.name: p for p in shipped}},
+                                 metadata)
+        challenger_acc = fair.challenger_acc if fair.challenger_acc is not None else challenger_acc
+    decision = promotion.decide_promotion(challenger_acc, champion, ref.data_hash,
+                                          fair.champion_acc if fair else None, fair.note if fair else "")
+    decision = promotion.rolled_back_guard(registry, name, device.name, exported.digest, decision)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = with_metadata(exported.onnx, Path(tmp) / "model.onnx", onnx_properties(metadata))
         example = next(iter(data.eval_loader("val", cand.input_size, limit=2)))[0].numpy()
@@ -219,8 +291,10 @@ def promote_winners(ctx: RunContext, ref: DatasetRef, pool: list[MeasuredCandida
     A device whose promotion fails keeps its release; the others go on. Returns (outcomes, winners
     by device, one line per failed device)."""
     outcomes, winners, failed = [], {}, []
-    val_images = len(load_data(ctx, ref).dataset("val"))
-    with promotion_lock(ctx.cache_path, ctx.cfg.model_name):
+    data = load_data(ctx, ref)
+    val_images = len(data.dataset("val"))
+    log_training_images(ctx, ref, data)
+    with promotion_lock(ctx.open_store(), ctx.cfg.model_name):  # shared by every promoter of the store
         for device in devices:
             choice = choose_winner(pool, device, val_images)
             log.info("%s: %s", device.name, f"{choice.winner.name}: {choice.why}" if choice.winner else choice.why)
