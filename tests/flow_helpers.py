@@ -26,7 +26,7 @@ METHODS = {
         "stem_width": 8, "first_block_width": 8, "unit_widths": [8, 16], "unit_strides": [1, 2],
         "unit_se": [False, True], "unit_acts": ["relu", "hswish"], "head_width": 24, "feature_width": 32,
         "depth_choices": [1, 2], "resolutions": [24, 32], "top_k": 1, "bn_recalibration_images": 64,
-        "lut_repeats": 3, "lut_warmup": 1,
+        "lut_repeats": 3, "lut_warmup": 1, "lut_max_rounds": 10,
         "phases": [{"name": n, "elastic": e, "max_steps": 2} for n, e in
                    (("full", "none"), ("kernel", "kernel"), ("depth", "depth"), ("width", "width"))],
         "predictor": {"samples": 4, "hidden": 16, "epochs": 10},

@@ -237,7 +237,7 @@ def test_fit_and_search_end_to_end(digits, monkeypatch) -> None:
                                   "evolution": TINY.evolution.model_copy(update={"population": 12, "generations": 3,
                                                                                  "parents": 4, "mutation_children": 4,
                                                                                  "crossover_children": 4}),
-                                  "top_k": 2, "bn_recalibration_images": 40, "lut_repeats": 3, "lut_warmup": 1})
+                                  "top_k": 2, "bn_recalibration_images": 40, "lut_repeats": 3, "lut_warmup": 1, "lut_max_rounds": 10})
     data = _small(digits)
     reads: list[tuple[str, int | None]] = []
     trained_on: list[set[int]] = []

@@ -150,9 +150,12 @@ class ShrinkingConfig(RecipeConfig):
     predictor: PredictorConfig = PredictorConfig()
     evolution: EvolutionConfig = EvolutionConfig()
     top_k: int = Field(3, ge=1)  # candidates per device (measured for real)
-    lut_warmup: int = Field(2, ge=0)  # latency lookup table: per-entry measurement effort
-    lut_repeats: int = Field(10, ge=3)
-    lut_max_seconds: float = Field(0.5, gt=0)
+    # latency lookup table: per-entry measurement effort (10-40 interleaved rounds of lut_repeats runs;
+    # fewer rounds left entries and networks repeatable only to +-30 % on a busy host)
+    lut_warmup: int = Field(3, ge=0)
+    lut_repeats: int = Field(5, ge=1)
+    lut_max_rounds: int = Field(40, ge=10)
+    lut_max_seconds: float = Field(1.0, gt=0)
     # OFA uses SGD-Nesterov; on the tiny demo AdamW reaches far higher accuracy in so few steps
     train: TrainConfig = TrainConfig(epochs=1, lr=0.005, optimizer="adamw", weight_decay=3e-5)
     seed: int = 0

@@ -52,65 +52,70 @@ def timing_module(cfg: dict[str, Any], in_chans: int, num_classes: int, spec: li
 class LatencyTable:
     """Per-device latency lookup table: every layer configuration the search space can run, measured on
     the device's runtime (threads/batch from its profile) in one isolated process the first time the
-    table is read; a network's latency is the sum of its layers' entries, corrected by :meth:`calibrate`."""
+    table is read, together with the whole networks it is calibrated on; a network's latency is the sum
+    of its layers' entries, scaled and offset by :meth:`calibrate`.
+
+    Entries and calibration networks share one process and its interleaved rounds on purpose: on a
+    shared host the same network measured in two fresh processes moved by 10-30 %, far more than the
+    predictor's own error (see bench/shrinking.py)."""
 
     def __init__(self, supernet: OFASupernet, device: DeviceProfile, cfg: ShrinkingConfig,
                  space: OpenSpace | None = None) -> None:
         self.supernet, self.device, self.cfg = supernet, device, cfg
         self.space = space or OpenSpace.full(cfg)
-        # 3-10 rounds: a table of 140 layers in one process must stay within a minute even on a device
-        # whose rounds are all disturbed (2 threads on 2 cores), where nothing ever settles
         self.profile = device.model_copy(update={"warmup": cfg.lut_warmup, "round_repeats": cfg.lut_repeats,
-                                                 "min_rounds": 3, "max_rounds": 10,
+                                                 "max_rounds": cfg.lut_max_rounds,
                                                  "max_seconds": cfg.lut_max_seconds})
         self.table: dict[tuple, float] = {}
-        self.scale, self.per_layer, self.offset = 1.0, 0.0, 0.0  # whole-network correction, see calibrate()
+        self.scale, self.offset = 1.0, 0.0  # whole-network correction, see calibrate()
 
     def _recipe(self, name: str, shape: tuple[int, int, int], **what: Any) -> Artifact:
         return Artifact(name, None, shape, build="podium.methods.shrinking.latency:timing_module",
                         build_args={"cfg": self.cfg.model_dump(mode="json"), "in_chans": self.supernet.in_chans,
                                     "num_classes": self.supernet.num_classes, **what})
 
-    def measure_specs(self, specs: Sequence[tuple]) -> None:
-        """Measure ``specs`` (those not in the table yet) together, interleaved, in one pinned process."""
+    def measure(self, specs: Sequence[tuple] = (), archs: Sequence[Arch] = ()) -> list[float]:
+        """Measure layer ``specs`` (those not in the table yet, which it then holds) and whole sub-networks
+        ``archs`` (random weights, their shapes) together, interleaved, in one pinned process; returns the
+        archs' p50s."""
         todo = sorted({s for s in specs if s not in self.table}, key=repr)
-        items = [self._recipe(str(i), _module_for_spec(s, self.cfg)[1], spec=list(s)) for i, s in enumerate(todo)]
-        for i, stats in measure_isolated(items, self.profile, memory=False).items():
-            self.table[todo[int(i)]] = stats.p50_ms
+        items = [self._recipe(f"layer{i}", _module_for_spec(s, self.cfg)[1], spec=list(s)) for i, s in enumerate(todo)]
+        items += [self._recipe(f"net{i}", (self.supernet.in_chans, a.resolution, a.resolution), arch=a.to_dict())
+                  for i, a in enumerate(archs)]
+        stats = measure_isolated(items, self.profile, memory=False) if items else {}
+        self.table.update({spec: stats[f"layer{i}"].p50_ms for i, spec in enumerate(todo)})
+        return [stats[f"net{i}"].p50_ms for i in range(len(archs))]
 
     def entry_ms(self, spec: tuple) -> float:
         """One layer configuration's p50; the first read measures every entry of the space at once."""
         if spec not in self.table:
-            self.measure_specs([*self.supernet.all_layer_specs(self.space), spec])
+            self.measure([*self.supernet.all_layer_specs(self.space), spec])
         return self.table[spec]
 
     def table_sum(self, arch: Arch | dict[str, Any]) -> float:
         return float(sum(self.entry_ms(spec) for spec in self.supernet.layer_specs(arch)))
 
     def predict(self, arch: Arch | dict[str, Any]) -> float:
-        return self.scale * self.table_sum(arch) + self.per_layer * len(self.supernet.layer_specs(arch)) + self.offset
+        return self.scale * self.table_sum(arch) + self.offset
 
     def measure_archs(self, archs: Sequence[Arch]) -> list[float]:
-        """Whole sub-networks' p50 (random weights, the archs' shapes), measured the same isolated way."""
-        items = [self._recipe(str(i), (self.supernet.in_chans, a.resolution, a.resolution), arch=a.to_dict())
-                 for i, a in enumerate(archs)]
-        stats = measure_isolated(items, self.profile, memory=False)
-        return [stats[str(i)].p50_ms for i in range(len(archs))]
+        """Whole sub-networks' p50, measured the same isolated way (in a process of their own)."""
+        return self.measure(archs=archs)
 
     def calibrate(self, archs: Sequence[Arch], measured_ms: Sequence[float] | None = None) -> None:
-        """Fit measured = scale * table_sum + per_layer * layers + offset on whole networks (measured here
-        unless given): least squares with four or more, the first two terms with fewer.
+        """Fit measured = scale * table_sum + offset on whole networks by least squares (scale alone for
+        one network). Unless ``measured_ms`` is given they are measured here, in the same process as the
+        table's entries when the table is still empty.
 
-        Each entry's timing carries one call's fixed cost that the whole network pays once per op instead
-        (``per_layer``), and the network adds its own dispatch and memory traffic (``offset``)."""
-        measured = np.asarray(self.measure_archs(archs) if measured_ms is None else measured_ms, dtype=float)
+        The sum of a network's layers, each timed alone with warm caches, misses what the whole network
+        adds (activations leaving the cache between layers, the head's and stem's dispatch): on the demo
+        space the whole networks ran 1.1-1.2x their sums, the same ratio for every size to within 5 %."""
+        if measured_ms is None:
+            specs = [] if self.table else self.supernet.all_layer_specs(self.space)
+            measured_ms = self.measure(specs, archs)
+        measured = np.asarray(measured_ms, dtype=float)
         sums = np.array([self.table_sum(a) for a in archs])
-        layers = np.array([len(self.supernet.layer_specs(a)) for a in archs], dtype=float)
-        if len(sums) >= 4 and np.ptp(sums) > 1e-9 and np.ptp(layers) > 0:
-            features = np.stack([sums, layers, np.ones_like(sums)], axis=1)
-            self.scale, self.per_layer, self.offset = (float(v) for v in np.linalg.lstsq(features, measured,
-                                                                                        rcond=None)[0])
-        elif len(sums) >= 2 and np.ptp(sums) > 1e-9:
+        if len(sums) >= 2 and np.ptp(sums) > 1e-9:
             self.scale, self.offset = (float(v) for v in np.polyfit(sums, measured, 1))
         elif len(sums):
             self.scale = float(measured.mean() / max(sums.mean(), 1e-9))
