@@ -104,7 +104,7 @@ def main() -> None:
           f"own pinned process (interleaved with its entries and {len(calibration)} calibration networks), and "
           "again in a later process")
     print(f"  {'device':18s} {'runtime':11s} {'thr':>3s} {'bs':>3s} {'entries':>7s} {'table s':>7s} "
-          f"{'median':>7s} {'worst':>6s} {'later: median':>13s} {'worst':>6s} {'shift':>11s}")
+          f"{'median':>7s} {'worst':>6s} {'later: median':>13s} {'worst':>6s} {'shift':>11s}  fit")
     tables = []
     for device in devices:
         table = LatencyTable(space.supernet, device, space.cfg, space.space)
@@ -120,7 +120,7 @@ def main() -> None:
         tables.append(table)
         print(f"  {device.name:18s} {device.runtime:11s} {device.threads:3d} {device.batch_size:3d} "
               f"{len(table.table):7d} {took:7.1f} {np.median(err):6.1f}% {err.max():5.1f}% "
-              f"{np.median(err_later):12.1f}% {err_later.max():5.1f}% {shift.min():5.2f}-{shift.max():.2f}x")
+              f"{np.median(err_later):12.1f}% {err_later.max():5.1f}% {shift.min():5.2f}-{shift.max():.2f}x  {table.fit}")
     print("  goal: median <= 3 %, worst <= 10 % (beside the table); 'shift' = later process / table's process")
     if not tables:
         return

@@ -155,7 +155,7 @@ class ShrinkingConfig(RecipeConfig):
     lut_warmup: int = Field(3, ge=0)
     lut_repeats: int = Field(5, ge=1)
     lut_max_rounds: int = Field(40, ge=10)
-    lut_max_seconds: float = Field(1.0, gt=0)
+    lut_max_seconds: float = Field(0.25, gt=0)
     # OFA uses SGD-Nesterov; on the tiny demo AdamW reaches far higher accuracy in so few steps
     train: TrainConfig = TrainConfig(epochs=1, lr=0.005, optimizer="adamw", weight_decay=3e-5)
     seed: int = 0
