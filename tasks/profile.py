@@ -125,8 +125,9 @@ def export_candidate(ctx: RunContext, candidate: Candidate) -> ExportedModel:
     return ExportedModel(digest, onnx_path, weights_path, candidate.input_shape)
 
 
-MEASUREMENT_VERSION = 4  # bump when what a measurement means changes (2: peak memory really measured,
-#                          3-4: isolated, pinned, interleaved rounds with an interval, steal detected)
+MEASUREMENT_VERSION = 5  # bump when what a measurement means changes (2: peak memory really measured,
+#                          3-4: isolated, pinned, interleaved rounds with an interval, steal detected,
+#                          5: ONNX Runtime's pool threads do not spin)
 
 
 def _measurement_key(digest: str, device: DeviceProfile) -> str:

@@ -53,6 +53,7 @@ def one_error(args: list[str], *expected: str) -> str:
     assert "Traceback" not in result.output
     for text in expected:
         assert text in errors[0], errors[0]
+    print(f"bad input: podium {args[0]} -> {errors[0]}")  # the catalogue of lines, with pytest -s
     return errors[0]
 
 
