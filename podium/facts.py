@@ -43,10 +43,20 @@ SCHEMA = ("CREATE TABLE IF NOT EXISTS facts (path TEXT PRIMARY KEY, salt TEXT NO
           "height INTEGER, mode TEXT, decodable INTEGER NOT NULL, too_large INTEGER NOT NULL, error TEXT)")
 
 
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file an image of ``max_pixels`` can need: uncompressed 16-bit RGBA, plus 16 MB of
+    metadata. A larger file is refused unread (it would be read whole into a worker's memory)."""
+    return max_pixels * 8 + (16 << 20)
+
+
 def describe(path: Path | str, max_pixels: int = images.DEFAULT_MAX_PIXELS) -> Facts:
     """The facts of one file (read once). ``verify()`` checks the PNG chunk CRCs (bit flips); a fresh
     ``load()`` decodes every pixel (truncation), then the conversion to the model's channels is run."""
     try:
+        size = os.stat(path).st_size
+        if size > max_file_bytes(max_pixels):  # read whole below: never more than an image can hold
+            return (None, size, None, None, None, False, True,
+                    f"{size:,} bytes, more than any image of data.max_pixels ({max_pixels / 1e6:.0f} MP) needs")
         data = Path(path).read_bytes()
     except OSError as exc:
         return None, None, None, None, None, False, False, f"unreadable: {first_line(exc)}"

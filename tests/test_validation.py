@@ -314,3 +314,18 @@ def test_cached_validation_skips_unchanged_data_and_reruns_on_any_change(tmp_pat
         assert not reused and not report.success and culprit in report.summary()
     assert report.facts_computed == 0 and report.facts_reused == 32
     assert len(runs) == 8
+
+
+def test_a_file_larger_than_any_image_it_could_hold_is_refused_unread(tmp_path: Path) -> None:
+    """A small PNG with gigabytes of trailing bytes would be read whole into a worker: refused from its size."""
+    path = tmp_path / "padded.png"
+    Image.new("L", (8, 8)).save(path)
+    limit = podium.facts.max_file_bytes(100)
+    with open(path, "ab") as handle:
+        handle.truncate(limit + 1)  # sparse: costs no disk
+    sha, size, width, _height, _mode, decodable, too_large, error = podium.facts.describe(path, max_pixels=100)
+    assert (sha, width, decodable, too_large, size) == (None, None, False, True, limit + 1)
+    assert "more than any image of data.max_pixels" in error
+    with open(path, "r+b") as handle:  # at the limit it is read and described as usual
+        handle.truncate(limit)
+    assert podium.facts.describe(path, max_pixels=100)[5:7] == (True, False)
