@@ -20,7 +20,6 @@ import threading
 import time
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
 import torch
@@ -34,7 +33,7 @@ from podium.registry import promotion
 from podium.registry.mlflow_registry import ModelRegistry
 from podium.registry.release import FETCH_MARKER, fetch_release, publish_release, read_current, set_current
 from podium.registry.store_lock import LockHeld, StoreLock, lock_key, promotion_lock
-from podium.registry.stores import ArtifactStore, LocalStore, S3Store, open_store
+from podium.registry.stores import ArtifactStore, LocalStore, open_store
 from tests.flow_helpers import BUCKET, REPO, write_config
 
 torch.set_num_threads(1)
@@ -52,15 +51,6 @@ def one_error_line(result) -> str:
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.output, result.output
     return errors[0]
-
-
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path: Path) -> ArtifactStore:
-    if request.param == "local":
-        return LocalStore(tmp_path / "store")
-    endpoint = request.getfixturevalue("s3")
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="recovery")
-    return S3Store("recovery", "podium")
 
 
 def release_files(folder: Path, tag: str) -> dict[str, Path]:

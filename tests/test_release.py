@@ -8,7 +8,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import boto3
 import pytest
 
 from podium.registry.release import (
@@ -19,18 +18,9 @@ from podium.registry.release import (
     read_current,
     set_current,
 )
-from podium.registry.stores import ArtifactStore, LocalStore, S3Store, StoreError
+from podium.registry.stores import ArtifactStore, LocalStore, StoreError
 
 MODEL, DEVICE = "digits-classifier", "cpu-1t"
-
-
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path: Path) -> ArtifactStore:
-    if request.param == "local":
-        return LocalStore(tmp_path / "store")
-    endpoint = request.getfixturevalue("s3")
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="releases")
-    return S3Store("releases", "podium")
 
 
 def make_files(folder: Path, tag: str) -> dict[str, Path]:
