@@ -89,3 +89,16 @@ def write_config(services: dict, path: Path, **overrides: Any) -> Path:
     raw.update(overrides)
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def one_anchor_config(services: dict, path: Path, seed: int, store_uri: str, device: str) -> Path:
+    """A flow run that takes seconds: one tiny anchor (its seed gives a new winner, a new digest), no
+    methods, one device, releases under ``store_uri``."""
+    anchors = [{"name": "resnet-tiny", "arch": {"family": "resnet", "layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]},
+                "train": {"epochs": 1, "max_steps": 10, "lr": 0.1, "seed": seed}}]
+    write_config(services, path, anchors=anchors, teacher=None, methods={})
+    raw = yaml.safe_load(path.read_text())
+    raw["store"]["uri"] = store_uri
+    raw["devices"]["use"] = [device]
+    path.write_text(yaml.safe_dump(raw))
+    return path

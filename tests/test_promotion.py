@@ -16,7 +16,7 @@ from podium.flows.retrain import retrain, run_retrain
 from podium.registry.mlflow_registry import ModelRegistry
 from podium.registry.release import read_current
 from podium.registry.stores import open_store
-from tests.flow_helpers import BUCKET, REPO, write_config
+from tests.flow_helpers import BUCKET, REPO, one_anchor_config
 
 pytestmark = pytest.mark.integration
 MODEL, DEVICE = "digits-classifier", "cpu-1t"
@@ -24,14 +24,7 @@ PREFIX = f"s3://{BUCKET}/promotion"  # apart from the other integration module's
 
 
 def config(services, name: str, seed: int) -> Path:
-    anchors = [{"name": "resnet-tiny", "arch": {"family": "resnet", "layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]},
-                "train": {"epochs": 1, "max_steps": 10, "lr": 0.1, "seed": seed}}]
-    path = write_config(services, services["root"] / f"{name}.yaml", anchors=anchors, teacher=None, methods={})
-    raw = yaml.safe_load(path.read_text())
-    raw["store"]["uri"] = PREFIX
-    raw["devices"]["use"] = [DEVICE]
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return one_anchor_config(services, services["root"] / f"{name}.yaml", seed, PREFIX, DEVICE)
 
 
 def registry(services) -> ModelRegistry:

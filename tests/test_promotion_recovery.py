@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from typer.testing import CliRunner
 
 from podium.errors import BranchError, ReleaseError
@@ -34,7 +33,7 @@ from podium.registry.mlflow_registry import ModelRegistry
 from podium.registry.release import FETCH_MARKER, fetch_release, publish_release, read_current, set_current
 from podium.registry.store_lock import LockHeld, StoreLock, lock_key, promotion_lock
 from podium.registry.stores import ArtifactStore, LocalStore, open_store
-from tests.flow_helpers import BUCKET, REPO, write_config
+from tests.flow_helpers import BUCKET, REPO, one_anchor_config
 
 torch.set_num_threads(1)
 MODEL, DEVICE = "digits-classifier", "cpu-1t"
@@ -326,13 +325,7 @@ PREFIX = f"s3://{BUCKET}/recovery"
 
 
 def flow_config(services, seed: int) -> Path:
-    anchors = [{"name": "resnet-tiny", "arch": TINY, "train": {"epochs": 1, "max_steps": 10, "lr": 0.1, "seed": seed}}]
-    path = write_config(services, services["root"] / f"seed{seed}.yaml", anchors=anchors, teacher=None, methods={})
-    raw = yaml.safe_load(path.read_text())
-    raw["store"]["uri"] = PREFIX
-    raw["devices"]["use"] = [DEVICE]
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return one_anchor_config(services, services["root"] / f"seed{seed}.yaml", seed, PREFIX, DEVICE)
 
 
 def flow_state(services) -> tuple[ModelRegistry, ArtifactStore]:
