@@ -11,10 +11,15 @@ The two conditions: ``idle`` (nothing started by this bench) and ``load``: one u
 (``python -c "while True: pass"``, one core's worth of work) that this bench starts after all idle rows
 and kills at the end (in a ``finally``, also on Ctrl-C or SIGTERM). The idle rows all run first.
 
+Every p50 is reported the way the pipeline reports it: normalised to the reference network timed in the
+same rounds, at the device's reference speed (``tasks.profile.SpeedBook``, one book for the whole bench:
+the first idle process of a runtime x threads sets it, the loaded rows use it too).
+
 Per row it prints p50 of every run, the spread max/min of those p50s (goal: <= 1.05 idle, <= 1.15
-under load), the mean half-width of the median's 95 % interval relative to p50, whether all runs' intervals share a
-point (``common``: selection would treat the runs' p50s as a tie), the share of runs the
-profiler flagged ``noisy``, the mean rounds and the mean wall time of one call (process start included).
+under load) and of the raw p50s as timed, the mean half-width of the median's 95 % interval relative to
+p50, whether all runs' intervals share a point (``common``: selection would treat the runs' p50s as a
+tie), the share of runs the profiler flagged ``noisy``, the mean rounds and the mean wall time of one
+call (process start included).
 The load average is printed before and after, with the cores each thread count was pinned to.
 
     .venv/bin/python bench/profiler.py [--runs 5] [--size 64] [--runtimes onnxruntime,openvino]
@@ -77,18 +82,23 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
-def measure_row(runtime: str, artifact: Path, shape: tuple[int, int, int], threads: int, runs: int
-                ) -> dict[str, Any]:
-    """``runs`` fresh-process measurements of ``artifact``: p50s, interval half-widths, noisy flags."""
+def measure_row(runtime: str, artifact: Path, shape: tuple[int, int, int], threads: int, runs: int,
+                speeds: Any) -> dict[str, Any]:
+    """``runs`` fresh-process measurements of ``artifact``: p50s, interval half-widths, noisy flags. Each
+    p50 is at the device's reference speed from ``speeds`` (a ``tasks.profile.SpeedBook``), as the
+    pipeline reports it; the first measurement of a device sets that speed."""
     from podium.methods.profiling import Artifact, DeviceProfile, measure_isolated
 
-    profile = DeviceProfile(name="bench", runtime=runtime, threads=threads, batch_size=1, latency_budget_ms=1000)
-    row: dict[str, Any] = {"p50": [], "low": [], "high": [], "half": [], "noisy": [], "rounds": [], "wall": [],
-                           "cores": ""}
+    row: dict[str, Any] = {"p50": [], "raw": [], "low": [], "high": [], "half": [], "noisy": [], "rounds": [],
+                           "wall": [], "cores": ""}
     for _ in range(runs):
+        profile = speeds.with_speed(DeviceProfile(name="bench", runtime=runtime, threads=threads, batch_size=1,
+                                                  latency_budget_ms=1000))
         start = time.perf_counter()
         stats = measure_isolated([Artifact("model", artifact, shape)], profile, memory=False)["model"]
         row["wall"].append(time.perf_counter() - start)
+        speeds.record(profile, {"model": stats})
+        row["raw"].append(stats.raw_p50_ms)
         row["p50"].append(stats.p50_ms)
         row["low"].append(stats.p50_low_ms)
         row["high"].append(stats.p50_high_ms)
@@ -103,12 +113,13 @@ def format_row(runtime: str, threads: int, condition: str, row: dict[str, Any], 
     head = f"{runtime:<12} {threads:>7} {condition:<9}"
     if "error" in row:
         return f"{head} ERROR {row['error']}"
-    spread = max(row["p50"]) / min(row["p50"])
+    spread, raw_spread = max(row["p50"]) / min(row["p50"]), max(row["raw"]) / min(row["raw"])
     per_run = " ".join(f"{p:.3f}" for p in row["p50"])
     noisy = f"{sum(row['noisy'])}/{len(row['noisy'])}"
     common = "yes" if max(row["low"]) <= min(row["high"]) else "no"
     goal = "n/a" if len(row["p50"]) < 2 else ("ok" if spread <= GOAL[condition] else "miss")
-    return (f"{head} {per_run:<{per_run_width}} {spread:>7.3f} {100 * statistics.mean(row['half']):>8.1f}% "
+    half = 100 * statistics.mean(row["half"])
+    return (f"{head} {per_run:<{per_run_width}} {spread:>7.3f} {raw_spread:>7.3f} {half:>8.1f}% "
             f"{common:>6} {noisy:>6} {statistics.mean(row['rounds']):>7.1f} {statistics.mean(row['wall']):>7.1f} "
             f"{goal:>4} (<= {GOAL[condition]:.2f})")
 
@@ -128,6 +139,7 @@ def main() -> None:
 
     from podium.methods.families import build
     from podium.methods.runtimes import available_runtimes, get_runtime
+    from podium.tasks.profile import SpeedBook
 
     available = available_runtimes()
     runtimes = args.runtimes.split(",") if args.runtimes else list(available)
@@ -141,6 +153,7 @@ def main() -> None:
 
     rows: dict[tuple[str, int, str], dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="podium-bench-profiler-") as tmp:
+        speeds = SpeedBook(Path(tmp) / "device_speed.json")  # one book: the load rows use the idle calibration
         torch.manual_seed(0)
         model = build(ARCH, num_classes=10, in_chans=3).eval()
         artifacts: dict[str, Path] = {}
@@ -154,7 +167,7 @@ def main() -> None:
             for runtime in runtimes:
                 for threads in THREADS:
                     try:
-                        row = measure_row(runtime, artifacts[runtime], shape, threads, args.runs)
+                        row = measure_row(runtime, artifacts[runtime], shape, threads, args.runs, speeds)
                     except Exception as exc:  # noqa: BLE001 - one failed row must not end the bench
                         row = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"}
                     rows[(runtime, threads, condition)] = row
@@ -167,7 +180,7 @@ def main() -> None:
     width = max([len("p50 per run (ms)")] + [len(" ".join(f"{p:.3f}" for p in r["p50"])) for r in rows.values()
                                                if "error" not in r])
     header = (f"{'runtime':<12} {'threads':>7} {'condition':<9} {'p50 per run (ms)':<{width}} {'max/min':>7} "
-              f"{'±interval':>9} {'common':>6} {'noisy':>6} {'rounds':>7} {'wall s':>7} goal")
+              f"{'raw':>7} {'±interval':>9} {'common':>6} {'noisy':>6} {'rounds':>7} {'wall s':>7} goal")
     print()
     print(header)
     print("-" * len(header))
@@ -177,7 +190,9 @@ def main() -> None:
                 print(format_row(runtime, threads, condition, rows[(runtime, threads, condition)], width))
     pinned = {threads: next((r["cores"] for (rt, t, _), r in rows.items() if t == threads and r.get("cores")), "?")
               for threads in THREADS}
-    print("\n±interval: mean half-width of the median's 95 % interval / p50; common: whether all runs' intervals "
+    print("\nmax/min: of the p50s as reported (normalised to the reference network timed in the same rounds, "
+          "at the speed the row's first process measured: tasks.profile.SpeedBook); raw: of the p50s as timed")
+    print("±interval: mean half-width of the median's 95 % interval / p50; common: whether all runs' intervals "
           "share a point (the runs would tie in selection); noisy: runs the profiler flagged noisy; "
           "rounds: mean rounds the statistics came from; wall s: mean seconds per measure_isolated call "
           "(fresh process included)")

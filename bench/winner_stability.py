@@ -12,7 +12,8 @@ Devices: the demo's three from the inventory (``infra/devices.yaml``: cpu-1t, cp
 
 One run is the pipeline's profile-and-select stage on the whole pool: per device, one
 ``profiling.measure_against_budget`` of every candidate's artifact for the device's runtime (a fresh
-pinned process, re-measuring budget straddlers), then
+pinned process, re-measuring budget straddlers; p50s at the device's reference speed, which its first
+run sets in a ``tasks.profile.SpeedBook`` kept for the whole bench, as the pipeline's cache keeps it), then
 ``tasks.release.choose_winner`` on those stats. No latency is reused between runs (peak memory is
 probed in the first run and reused: it is not what noise moves). ``--runs``
 runs idle, then ``--runs`` beside the background load of ``bench/profiler.py`` (one unpinned busy
@@ -35,7 +36,9 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +59,7 @@ from podium.methods.export import export_onnx, load_weights, save_weights
 from podium.methods.families import build
 from podium.methods.profiling import Artifact, DeviceProfile, LatencyStats, measure_against_budget
 from podium.methods.train import TrainConfig, cross_entropy_loss, evaluate, fit
-from podium.tasks.profile import ExportedModel, MeasuredCandidate
+from podium.tasks.profile import ExportedModel, MeasuredCandidate, SpeedBook
 from podium.tasks.release import Choice, choose_winner
 
 # isort: split
@@ -149,14 +152,17 @@ def same_winner(outcomes: list[Outcome]) -> int:
 PEAKS: dict[tuple[str, str], float] = {}  # (device, candidate) -> peak MB: probed in the first run only
 
 
-def profile_and_select(members: list[tuple[Candidate, ExportedModel]], device: DeviceProfile, val_images: int
-                       ) -> Outcome:
-    """The pipeline's stage for one device: every candidate's latency measured afresh (peak memory, which
-    noise does not move, probed once), then the winner chosen."""
+def profile_and_select(members: list[tuple[Candidate, ExportedModel]], device: DeviceProfile, val_images: int,
+                       speeds: SpeedBook) -> Outcome:
+    """The pipeline's stage for one device: every candidate's latency measured afresh, at the device's
+    reference speed (the first run sets it, as the pipeline's cache does; peak memory, which noise does
+    not move, probed once), then the winner chosen."""
     start = time.perf_counter()
     artifacts = [Artifact(c.name, e.artifact(device.runtime, c.model), e.input_shape) for c, e in members]
     first = not any(key[0] == device.name for key in PEAKS)
+    device = speeds.with_speed(device)
     stats = measure_against_budget(artifacts, device, memory=first)
+    speeds.record(device, stats)
     for name, s in stats.items():
         PEAKS.setdefault((device.name, name), s.peak_mem_mb)
         stats[name] = dataclasses.replace(s, peak_mem_mb=PEAKS[(device.name, name)])
@@ -236,11 +242,13 @@ def main() -> None:
               f"(artifacts ready in {time.perf_counter() - start:.0f} s)", flush=True)
 
     results: dict[tuple[str, str], list[Outcome]] = {(d.name, c): [] for d in devices for c in ("idle", "load")}
+    speed_file = Path(tempfile.mkdtemp(prefix="podium-bench-speed-")) / "device_speed.json"
+    speeds = SpeedBook(speed_file)  # one book for every run, like the pipeline's cache; fresh per bench
 
     def run_condition(condition: str) -> None:
         for index in range(1, args.runs + 1):
             for device in devices:
-                out = profile_and_select(members, device, val_images)
+                out = profile_and_select(members, device, val_images, speeds)
                 results[(device.name, condition)].append(out)
                 print(f"  {condition} run {index} {device.name}: {out.label()} ({out.seconds:.0f} s)", flush=True)
 
@@ -268,6 +276,9 @@ def main() -> None:
                 o.winner is None for o in outcomes) else ""
             print(f"{device.name:<13} {condition:<9} {f'{k}/{n}':>11}  {'ok' if k == n else 'miss':<4}  "
                   f"{winners}{note}")
+    print("reference speeds (ms, set by each device's first run): "
+          + ", ".join(f"{d.name} {speeds.with_speed(d).reference_ms}" for d in devices))
+    shutil.rmtree(speed_file.parent, ignore_errors=True)
     print(f"\nload average {load_average()}; total {time.perf_counter() - began:.0f} s")
 
 

@@ -15,10 +15,13 @@ fixed; :func:`measure` times one model in this process (latency lookup tables, b
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -59,6 +62,9 @@ class DeviceProfile(StrictModel):
     stable_tolerance: float = Field(0.03, gt=0)  # wanted half-width of the median's interval (relative)
     # share of disturbed rounds beyond which a measurement short of min_rounds clean ones is noisy
     max_disturbed: float = Field(0.5, ge=0, le=1)
+    # p50 (ms) of REFERENCE on this device: latencies are reported at this speed (see normalise_to_reference).
+    # None: this process's own reference measurement (tasks.profile keeps the first clean one per host)
+    reference_ms: float | None = Field(None, gt=0)
 
     @field_validator("runtime")
     @classmethod
@@ -109,6 +115,9 @@ class LatencyStats:
     noisy: bool = False  # interference was seen and more rounds did not get past it
     interference: str = ""  # what was seen: disturbed rounds, spread, load
     cores: str = ""  # CPUs it was pinned to ("" = not pinned)
+    raw_p50_ms: float = math.nan  # the p50 this process timed, before normalising to the reference speed
+    reference_p50_ms: float = math.nan  # the reference network's p50 in the same process and rounds
+    reference_ms: float = math.nan  # the reference speed the p50s are reported at (nan: not normalised)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -214,18 +223,28 @@ def _warm_up(run: Callable[[], object], profile: DeviceProfile, max_blocks: int 
         previous = median
 
 
-def time_in_rounds(runs: dict[str, Callable[[], object]], profile: DeviceProfile
+def time_in_rounds(runs: dict[str, Callable[[], object]], profile: DeviceProfile, reference: str | None = None
                    ) -> dict[str, dict[str, Any]]:
     """Time every ``runs[name]()`` in interleaved rounds; per name its samples (ms) and noise record.
 
-    Stops when every candidate has ``min_rounds`` undisturbed rounds whose median interval is within
-    ``stable_tolerance``, or at ``max_rounds``, or when the timed runs have taken ``max_seconds`` per
-    candidate in all (a lookup table of 140 layers at 0.5 s each: 70 s at most)."""
+    With ``reference`` (one of the names), every other run's samples are normalised to it round by round
+    (:func:`normalise_to_reference`) before any statistic or stopping decision; the reference's own
+    entry stays raw. Stops when every candidate has ``min_rounds`` undisturbed rounds whose median
+    interval is within ``stable_tolerance``, or at ``max_rounds``, or when the timed runs have taken
+    ``max_seconds`` per candidate in all (a lookup table of 140 layers at 0.5 s each: 70 s at most)."""
     tracks = {name: _Track(run, [], []) for name, run in runs.items()}
     for track in tracks.values():
         _warm_up(track.run, profile)
     names = list(tracks)
     loads = []
+
+    def judged() -> dict[str, _Track]:
+        if reference is None:
+            return tracks
+        ref = tracks[reference]
+        return {name: (t if name == reference else normalise_to_reference(t, ref, profile.reference_ms))
+                for name, t in tracks.items()}
+
     for round_index in range(profile.max_rounds):
         loads.append(os.getloadavg()[0])
         shift = round_index % len(names)
@@ -241,10 +260,36 @@ def time_in_rounds(runs: dict[str, Callable[[], object]], profile: DeviceProfile
             track.samples.append(block)
             track.disturbed.append(watch.since(wall))
             track.seconds += wall / 1e9
-        done = round_index + 1 >= profile.min_rounds and all(t.settled(profile) for t in tracks.values())
+        done = round_index + 1 >= profile.min_rounds and all(t.settled(profile) for t in judged().values())
         if done or sum(t.seconds for t in tracks.values()) > profile.max_seconds * len(tracks):
             break  # settled, or the time of max_seconds per candidate is spent
-    return {name: _summary(track, profile, loads) for name, track in tracks.items()}
+    summaries = {name: _summary(track, profile, loads) for name, track in judged().items()}
+    for name, track in tracks.items():
+        summaries[name]["raw_p50_ms"] = float(np.median([s for r in track.used_rounds(profile.min_rounds) for s in r]))
+    if reference is not None:
+        own = statistics.median(statistics.median(r) for r in tracks[reference].samples)
+        speed = profile.reference_ms if profile.reference_ms is not None else own
+        for name in names:
+            if name != reference:
+                summaries[name].update(reference_p50_ms=summaries[reference]["raw_p50_ms"], reference_ms=speed)
+                if own > SLOW_HOST * speed:
+                    note = f"host at {own / speed:.2f}x the reference time"
+                    summaries[name]["interference"] = "; ".join(x for x in (summaries[name]["interference"], note) if x)
+    return summaries
+
+
+def normalise_to_reference(track: _Track, reference: _Track, speed_ms: float | None) -> _Track:
+    """``track`` as if every round had run at the reference speed: each sample times ``speed_ms`` over the
+    reference's median in the same round (``speed_ms`` None: the reference's median over all rounds).
+
+    The host's speed moves from minute to minute on a shared machine (other tenants, frequency, cache
+    contention) and moves every model alike, so the ratio to a fixed network timed in the same rounds
+    repeats across processes far better than the time does (bench/profiler.py). A round counts as
+    disturbed when either was."""
+    ref_medians = [statistics.median(r) for r in reference.samples]
+    scale = speed_ms if speed_ms is not None else statistics.median(ref_medians)
+    return _Track(track.run, [[s * scale / m for s in block] for block, m in zip(track.samples, ref_medians)],
+                  [d or r for d, r in zip(track.disturbed, reference.disturbed)], track.seconds)
 
 
 def _summary(track: _Track, profile: DeviceProfile, loads: list[float]) -> dict[str, Any]:
@@ -297,6 +342,53 @@ def measure(model: "nn.Module | None", input_shape: tuple[int, int, int], profil
                         batch_size=profile.batch_size, precision=precision)
 
 
+# ------------------------------------------------------------------------------ the reference network
+
+REFERENCE = "podium-reference"  # its name among a measurement's runs
+REFERENCE_SHAPE = (3, 64, 64)
+SLOW_HOST = 1.25  # a process whose reference ran this much slower than the device's speed says so
+
+
+def reference_network() -> "nn.Module":
+    """The fixed network every measurement times beside its candidates (:func:`normalise_to_reference`):
+    a small CNN of the candidates' operators (strided and depthwise convolutions, batch norm, pooling, a
+    linear head), with weights from a fixed seed; about 20 MFLOPs at :data:`REFERENCE_SHAPE`. Changing
+    it changes every device's speed: bump ``tasks.profile.MEASUREMENT_VERSION``."""
+    import torch
+    from torch import nn
+
+    def conv(cin: int, cout: int, stride: int, groups: int = 1, k: int = 3) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        net = nn.Sequential(*conv(3, 24, 2), *conv(24, 48, 2), *conv(48, 48, 1, groups=48), *conv(48, 96, 1, k=1),
+                            *conv(96, 96, 2, groups=96), *conv(96, 128, 1, k=1), *conv(128, 128, 1),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return net.eval()
+
+
+_reference_folder: Path | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_artifact(runtime: str) -> "Artifact":
+    """The reference as ``runtime`` runs it: a recipe for runtimes that run modules (built in the measuring
+    process), else its artifact exported once per process (the measuring process then needs no torch)."""
+    global _reference_folder
+    rt = get_runtime(runtime)
+    if rt.runs_module:
+        return Artifact(REFERENCE, None, REFERENCE_SHAPE, build="podium.methods.profiling:reference_network")
+    if _reference_folder is None:
+        _reference_folder = Path(tempfile.mkdtemp(prefix="podium-reference-"))
+        atexit.register(shutil.rmtree, _reference_folder, True)
+    path = rt.export(reference_network(), REFERENCE_SHAPE, _reference_folder / runtime)
+    return Artifact(REFERENCE, Path(path), REFERENCE_SHAPE)
+
+
 @dataclass(frozen=True)
 class Artifact:
     """One model to measure in isolation: the runtime's main file and its input, or a recipe the
@@ -326,7 +418,10 @@ def pinned_cores(profile: DeviceProfile) -> list[int]:
 
 def measure_isolated(artifacts: list[Artifact], profile: DeviceProfile, memory: bool = True,
                      timeout_s: float = 1800.0) -> dict[str, LatencyStats]:
-    """Every artifact timed in one fresh process pinned to :func:`pinned_cores`, interleaved in rounds.
+    """Every artifact timed in one fresh process pinned to :func:`pinned_cores`, interleaved in rounds
+    with the :func:`reference_network`, and normalised to it (the stats' p50s are at the reference
+    speed ``profile.reference_ms``, or at this process's own when that is None; ``raw_p50_ms`` is
+    what this process timed).
 
     The process imports only the runtime, fixes its thread counts (``OMP_NUM_THREADS``, the runtime's
     intra-op threads, one inter-op thread) and answers through a JSON file. Peak memory comes from the
@@ -335,6 +430,8 @@ def measure_isolated(artifacts: list[Artifact], profile: DeviceProfile, memory: 
         return {}
     if memory and any(a.path is None for a in artifacts):
         raise ValueError("peak memory is probed on an artifact file; a recipe is measured with memory=False")
+    if any(a.name == REFERENCE for a in artifacts):
+        raise ValueError(f"{REFERENCE!r} is the reference network's name; give the model another")
     rt = get_runtime(profile.runtime)
     cores = pinned_cores(profile)
     threads = str(profile.threads)
@@ -344,7 +441,8 @@ def measure_isolated(artifacts: list[Artifact], profile: DeviceProfile, memory: 
         request.write_text(json.dumps({
             "device": profile.model_dump(mode="json"), "cores": cores, "answer": str(answer),
             "artifacts": [{"name": a.name, "path": str(a.path) if a.path else None, "input_shape": list(a.input_shape),
-                           "build": a.build, "build_args": a.build_args} for a in artifacts]}))
+                           "build": a.build, "build_args": a.build_args}
+                          for a in [*artifacts, _reference_artifact(profile.runtime)]]}))
         done = subprocess.run([sys.executable, "-m", "podium.methods.profiling", str(request)], env=env,
                               capture_output=True, text=True, timeout=timeout_s)
         if done.returncode != 0 or not answer.exists():
@@ -364,12 +462,15 @@ def measure_against_budget(artifacts: list[Artifact], profile: DeviceProfile, me
                            ) -> dict[str, LatencyStats]:
     """:func:`measure_isolated`, then once more, in a new process with twice the rounds, for those whose
     interval straddles the latency budget (a verdict still ``ambiguous`` after that is reported as such).
-    Peak memory is probed once."""
+    The second process reports at the first one's reference speed, so both are on one scale. Peak memory
+    is probed once."""
     stats = measure_isolated(artifacts, profile, memory=memory)
     straddling = [a for a in artifacts if stats[a.name].budget_verdict(profile.latency_budget_ms) == "ambiguous"]
     if straddling:
+        first_speed = stats[straddling[0].name].reference_ms
+        speed = profile.reference_ms or (first_speed if first_speed > 0 else None)  # nan: not normalised
         closer = profile.model_copy(update={"min_rounds": 2 * profile.min_rounds, "max_rounds": 2 * profile.max_rounds,
-                                            "max_seconds": 2 * profile.max_seconds})
+                                            "max_seconds": 2 * profile.max_seconds, "reference_ms": speed})
         for name, again in measure_isolated(straddling, closer, memory=False).items():
             note = "; ".join(x for x in (again.interference, "re-measured: straddled the budget") if x)
             stats[name] = dataclasses.replace(again, interference=note, peak_mem_mb=stats[name].peak_mem_mb)
@@ -410,7 +511,7 @@ def _isolated_main(request_path: str) -> None:
                 prepared = session.prepare(batch)
                 session.run(prepared)
                 runs[item["name"]] = (lambda s=session, p=prepared: s.run(p))
-            timings = time_in_rounds(runs, profile)
+            timings = time_in_rounds(runs, profile, reference=REFERENCE)
         finally:
             for session in reversed(sessions):
                 session.close()

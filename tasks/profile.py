@@ -16,6 +16,7 @@ import contextvars
 import json
 import logging
 import os
+import platform
 import tempfile
 import threading
 import uuid
@@ -125,9 +126,9 @@ def export_candidate(ctx: RunContext, candidate: Candidate) -> ExportedModel:
     return ExportedModel(digest, onnx_path, weights_path, candidate.input_shape)
 
 
-MEASUREMENT_VERSION = 5  # bump when what a measurement means changes (2: peak memory really measured,
+MEASUREMENT_VERSION = 6  # bump when what a measurement means changes (2: peak memory really measured,
 #                          3-4: isolated, pinned, interleaved rounds with an interval, steal detected,
-#                          5: ONNX Runtime's pool threads do not spin)
+#                          5: ONNX Runtime's pool threads do not spin, 6: normalised to the reference network)
 
 
 def _measurement_key(digest: str, device: DeviceProfile) -> str:
@@ -154,6 +155,58 @@ class LatencyCache:
         with _cache_lock:
             self.entries[key] = stats.as_dict()
             atomic_write_text(self.path, json.dumps(self.entries, indent=1))
+
+
+def host_identity() -> str:
+    """This machine as a speed is valid for: its name, CPU model and CPU count."""
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")), "")
+    return f"{platform.node()}|{model or platform.processor()}|{os.cpu_count()}"
+
+
+def _cpuinfo_lines() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+class SpeedBook:
+    """Each local device's reference speed on this host (``<cache>/device_speed.json``): the reference
+    network's p50 in the first clean measurement of that device here. Every later measurement reports
+    its p50s at that speed (`methods.profiling.normalise_to_reference`), so a host that runs 20 % slower
+    this minute does not make this run's candidates 20 % slower than last run's. Delete the file (or
+    an entry) to recalibrate; a ``reference_ms`` in the device's config wins over the book."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: dict[str, dict] = read_cache(path)
+
+    @staticmethod
+    def key(device: DeviceProfile) -> str:
+        return f"{host_identity()}|{_measurement_key('reference', device.model_copy(update={'reference_ms': None}))}"
+
+    def with_speed(self, device: DeviceProfile) -> DeviceProfile:
+        if device.reference_ms is not None:
+            return device
+        entry = self.entries.get(self.key(device))
+        speed = entry.get("reference_ms") if isinstance(entry, dict) else None
+        if not isinstance(speed, (int, float)) or not speed > 0:
+            return device
+        return device.model_copy(update={"reference_ms": float(speed)})
+
+    def record(self, device: DeviceProfile, measured: dict[str, LatencyStats]) -> DeviceProfile:
+        """Keep the reference speed of ``measured`` when ``device`` has none yet and one result is clean;
+        ``device`` at the speed ``measured`` is reported at (its cache key)."""
+        clean = [s for s in measured.values() if not s.noisy and s.reference_ms > 0]  # nan: not normalised
+        if device.reference_ms is not None or not clean:
+            return device
+        speed = clean[0].reference_ms
+        with _cache_lock:
+            self.entries[self.key(device)] = {"reference_ms": speed, "device": device.name,
+                                              "load": round(os.getloadavg()[0], 2)}
+            atomic_write_text(self.path, json.dumps(self.entries, indent=1))
+        log.info("device %s: reference speed %.4f ms kept in %s", device.name, speed, self.path)
+        return device.model_copy(update={"reference_ms": speed})
 
 
 def gather_offers(devices: list[DeviceProfile], offers: dict[str, list[Candidate]]
@@ -191,9 +244,11 @@ def measure_pool(ctx: RunContext, pool: list[MeasuredCandidate], devices: list[D
     another, each in its own pinned process (:func:`measure_device`); work-pool devices afterwards,
     all at once. Cached measurements are reused."""
     cache = LatencyCache(ctx.cache_path / "latency.json")
+    speeds = SpeedBook(ctx.cache_path / "device_speed.json")
     for device in devices:
         if device.work_pool:
             continue
+        device = speeds.with_speed(device)
         offered = [m for m in pool if device.name in m.offered_to]
         missing = []
         for member in offered:
@@ -202,7 +257,9 @@ def measure_pool(ctx: RunContext, pool: list[MeasuredCandidate], devices: list[D
                 missing.append(member)
             else:
                 member.stats[device.name] = cached
-        for name, stats in (measure_device({m.name: m for m in missing}, device) if missing else {}).items():
+        measured = measure_device({m.name: m for m in missing}, device) if missing else {}
+        device = speeds.record(device, measured)  # the first clean measurement here sets the speed
+        for name, stats in measured.items():
             member = next(m for m in missing if m.name == name)
             cache.put(_measurement_key(member.export.digest, device), stats)
             member.stats[device.name] = stats

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,55 @@ def test_candidates_are_timed_in_interleaved_rounds():
     assert all(t["rounds"] == 3 and t["p50_low_ms"] <= t["p50_ms"] <= t["p50_high_ms"] for t in timings.values())
 
 
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_normalising_to_the_reference_cancels_a_host_that_slows_down():
+    """Halfway through, the "host" runs everything 1.8x slower. As timed, the candidate's p50 lands
+    somewhere between its two speeds; normalised to the reference timed in the same rounds, it stays at
+    its cost relative to the reference (3x) times the device's reference speed."""
+    from podium.methods.profiling import time_in_rounds
+
+    calls = {"ref": 0}
+    slowdown = lambda: 1.8 if calls["ref"] >= 12 else 1.0  # noqa: E731 - after 4 rounds of 3 reference runs
+
+    def reference():
+        calls["ref"] += 1
+        _spin(0.0004 * slowdown())
+
+    runs = {"ref": reference, "candidate": lambda: _spin(0.0012 * slowdown())}
+    profile = DeviceProfile(name="t", latency_budget_ms=10, warmup=0, round_repeats=3, min_rounds=9, max_rounds=9,
+                            reference_ms=0.4)  # the speed the host had before it slowed
+    timings = time_in_rounds(runs, profile, reference="ref")
+    candidate = timings["candidate"]
+    assert candidate["p50_ms"] == pytest.approx(1.2, rel=0.1), candidate  # 3x the reference speed, 0.4 ms
+    assert candidate["raw_p50_ms"] > 1.15 * 1.2, candidate  # as timed: mostly at the slow speed
+    assert candidate["reference_ms"] == 0.4 and candidate["reference_p50_ms"] == pytest.approx(0.72, rel=0.15)
+    assert "host at 1.8" in candidate["interference"], candidate
+    assert timings["ref"]["raw_p50_ms"] == timings["ref"]["p50_ms"]  # the reference itself stays as timed
+
+
+def test_the_speed_book_keeps_the_first_clean_reference_speed_per_device(tmp_path):
+    from podium.tasks.profile import SpeedBook
+
+    book = SpeedBook(tmp_path / "device_speed.json")
+    one = DeviceProfile(name="a", runtime="onnxruntime", latency_budget_ms=1)
+    two = one.model_copy(update={"threads": 2})
+    stats = LatencyStats(1.0, 1.1, 1.0, 0.1, 50, 5.0, "onnxruntime", 1, 1, reference_ms=0.3, reference_p50_ms=0.3)
+    assert book.record(one, {"m": dataclasses.replace(stats, noisy=True)}) == one  # noisy: sets nothing
+    assert book.with_speed(one).reference_ms is None
+    assert book.record(one, {"m": stats}).reference_ms == 0.3
+    later = dataclasses.replace(stats, reference_ms=0.5)
+    assert book.record(book.with_speed(one), {"m": later}).reference_ms == 0.3  # the first one stays
+    again = SpeedBook(tmp_path / "device_speed.json")
+    assert again.with_speed(one).reference_ms == 0.3 and again.with_speed(two).reference_ms is None
+    configured = one.model_copy(update={"reference_ms": 0.9})
+    assert again.with_speed(configured).reference_ms == 0.9  # the device's own config wins
+
+
 @pytest.fixture(scope="module")
 def onnx_pair(tmp_path_factory):
     """A small and a four-times-wider ResNet, as ONNX."""
@@ -168,6 +218,13 @@ def test_isolated_measurement_is_pinned_and_ranks_models_by_cost(onnx_pair):
     last = str(sorted(os.sched_getaffinity(0))[-1])
     assert all(s.cores == last and s.rounds >= 5 and s.p50_low_ms <= s.p50_ms <= s.p50_high_ms and s.peak_mem_mb > 0
                for s in stats.values())
+    # no speed given: reported at this process's own reference speed, so close to what it timed
+    assert all(s.reference_ms > 0 and s.p50_ms == pytest.approx(s.raw_p50_ms, rel=0.25) for s in stats.values())
+    # at a given speed (four times this process's), the same model is reported four times as slow
+    at_speed = device.model_copy(update={"reference_ms": 4 * stats["small"].reference_p50_ms})
+    (scaled,) = measure_isolated([Artifact("small", small, (1, 32, 32))], at_speed, memory=False).values()
+    assert scaled.p50_ms == pytest.approx(4 * scaled.raw_p50_ms * stats["small"].reference_p50_ms
+                                          / scaled.reference_p50_ms, rel=0.25), scaled
 
 
 def test_a_busy_core_is_detected_and_the_measurement_marked_noisy(onnx_pair):
@@ -205,13 +262,15 @@ def test_only_candidates_straddling_the_budget_are_measured_again(monkeypatch):
     calls = []
 
     def fake(artifacts, profile, memory=True):  # noqa: ARG001
-        calls.append(([a.name for a in artifacts], profile.min_rounds))
+        calls.append(([a.name for a in artifacts], profile.min_rounds, profile.reference_ms))
         return first if len(calls) == 1 else {"straddles": stats(0.97, 0.95, 0.99)}
 
+    first = {name: dataclasses.replace(s, reference_ms=0.25) for name, s in first.items()}
     monkeypatch.setattr(profiling, "measure_isolated", fake)
     device = DeviceProfile(name="t", runtime="onnxruntime", latency_budget_ms=1.0, min_rounds=10, max_rounds=20)
     got = profiling.measure_against_budget([Artifact(n, Path(n), (1, 8, 8)) for n in first], device)
-    assert calls == [(["clear", "straddles", "over"], 10), (["straddles"], 20)]
+    # the second process reports at the first one's reference speed: one scale for both
+    assert calls == [(["clear", "straddles", "over"], 10, None), (["straddles"], 20, 0.25)]
     assert got["straddles"].budget_verdict(1.0) == "within" and "re-measured" in got["straddles"].interference
     assert [got[n].budget_verdict(1.0) for n in ("clear", "over")] == ["within", "over"]
 
