@@ -223,12 +223,13 @@ def _warm_up(run: Callable[[], object], profile: DeviceProfile, max_blocks: int 
         previous = median
 
 
-def time_in_rounds(runs: dict[str, Callable[[], object]], profile: DeviceProfile, reference: str | None = None
-                   ) -> dict[str, dict[str, Any]]:
+def time_in_rounds(runs: dict[str, Callable[[], object]], profile: DeviceProfile, reference: str | None = None,
+                   reference_window: int = 1) -> dict[str, dict[str, Any]]:
     """Time every ``runs[name]()`` in interleaved rounds; per name its samples (ms) and noise record.
 
     With ``reference`` (one of the names), every other run's samples are normalised to it round by round
-    (:func:`normalise_to_reference`) before any statistic or stopping decision; the reference's own
+    (:func:`normalise_to_reference`, over ``reference_window`` rounds) before any statistic or stopping
+    decision; the reference's own
     entry stays raw. Stops when every candidate has ``min_rounds`` undisturbed rounds whose median
     interval is within ``stable_tolerance``, or at ``max_rounds``, or when the timed runs have taken
     ``max_seconds`` per candidate in all (a lookup table of 140 layers at 0.5 s each: 70 s at most)."""
@@ -242,7 +243,8 @@ def time_in_rounds(runs: dict[str, Callable[[], object]], profile: DeviceProfile
         if reference is None:
             return tracks
         ref = tracks[reference]
-        return {name: (t if name == reference else normalise_to_reference(t, ref, profile.reference_ms))
+        return {name: (t if name == reference else normalise_to_reference(t, ref, profile.reference_ms,
+                                                                          reference_window))
                 for name, t in tracks.items()}
 
     for round_index in range(profile.max_rounds):
@@ -278,16 +280,24 @@ def time_in_rounds(runs: dict[str, Callable[[], object]], profile: DeviceProfile
     return summaries
 
 
-def normalise_to_reference(track: _Track, reference: _Track, speed_ms: float | None) -> _Track:
+def normalise_to_reference(track: _Track, reference: _Track, speed_ms: float | None, window: int = 1) -> _Track:
     """``track`` as if every round had run at the reference speed: each sample times ``speed_ms`` over the
-    reference's median in the same round (``speed_ms`` None: the reference's median over all rounds).
+    reference's median around that round (``speed_ms`` None: the reference's median over all rounds).
 
     The host's speed moves from minute to minute on a shared machine (other tenants, frequency, cache
     contention) and moves every model alike, so the ratio to a fixed network timed in the same rounds
-    repeats across processes far better than the time does (bench/profiler.py). A round counts as
+    repeats across processes far better than the time does (bench/profiler.py). ``window`` is how many
+    rounds' reference medians speak for a round (their median; 1: its own, which follows drift within
+    the process best; 0: all of them, one factor for the process, for rounds too long for the
+    reference's block in them to speak for every model: a lookup table's 150). A round counts as
     disturbed when either was."""
     ref_medians = [statistics.median(r) for r in reference.samples]
     scale = speed_ms if speed_ms is not None else statistics.median(ref_medians)
+    if window == 0:
+        ref_medians = [statistics.median(ref_medians)] * len(ref_medians)
+    elif window > 1:
+        half = window // 2
+        ref_medians = [statistics.median(ref_medians[max(0, i - half): i + half + 1]) for i in range(len(ref_medians))]
     return _Track(track.run, [[s * scale / m for s in block] for block, m in zip(track.samples, ref_medians)],
                   [d or r for d, r in zip(track.disturbed, reference.disturbed)], track.seconds)
 
@@ -417,11 +427,11 @@ def pinned_cores(profile: DeviceProfile) -> list[int]:
 
 
 def measure_isolated(artifacts: list[Artifact], profile: DeviceProfile, memory: bool = True,
-                     timeout_s: float = 1800.0) -> dict[str, LatencyStats]:
+                     timeout_s: float = 1800.0, reference_window: int = 1) -> dict[str, LatencyStats]:
     """Every artifact timed in one fresh process pinned to :func:`pinned_cores`, interleaved in rounds
     with the :func:`reference_network`, and normalised to it (the stats' p50s are at the reference
     speed ``profile.reference_ms``, or at this process's own when that is None; ``raw_p50_ms`` is
-    what this process timed).
+    what this process timed; ``reference_window``: see :func:`normalise_to_reference`).
 
     The process imports only the runtime, fixes its thread counts (``OMP_NUM_THREADS``, the runtime's
     intra-op threads, one inter-op thread) and answers through a JSON file. Peak memory comes from the
@@ -440,6 +450,7 @@ def measure_isolated(artifacts: list[Artifact], profile: DeviceProfile, memory: 
         request, answer = Path(tmp) / "request.json", Path(tmp) / "answer.json"
         request.write_text(json.dumps({
             "device": profile.model_dump(mode="json"), "cores": cores, "answer": str(answer),
+            "reference_window": reference_window,
             "artifacts": [{"name": a.name, "path": str(a.path) if a.path else None, "input_shape": list(a.input_shape),
                            "build": a.build, "build_args": a.build_args}
                           for a in [*artifacts, _reference_artifact(profile.runtime)]]}))
@@ -511,7 +522,8 @@ def _isolated_main(request_path: str) -> None:
                 prepared = session.prepare(batch)
                 session.run(prepared)
                 runs[item["name"]] = (lambda s=session, p=prepared: s.run(p))
-            timings = time_in_rounds(runs, profile, reference=REFERENCE)
+            timings = time_in_rounds(runs, profile, reference=REFERENCE,
+                                     reference_window=int(request.get("reference_window", 1)))
         finally:
             for session in reversed(sessions):
                 session.close()

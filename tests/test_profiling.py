@@ -177,6 +177,20 @@ def test_normalising_to_the_reference_cancels_a_host_that_slows_down():
     assert timings["ref"]["raw_p50_ms"] == timings["ref"]["p50_ms"]  # the reference itself stays as timed
 
 
+def test_the_reference_speaks_for_its_own_round_or_for_the_whole_process():
+    """window 1 follows the host round by round; window 0 (lookup tables: rounds of 150 models) applies
+    one factor, the reference's median over the process; a disturbed reference round disturbs the model's."""
+    from podium.methods.profiling import _Track, normalise_to_reference
+
+    reference = _Track(lambda: None, [[1.0, 1.0], [2.0, 2.0], [2.0, 2.0]], ["", "waiting", ""])
+    model = _Track(lambda: None, [[3.0, 3.0], [6.0, 6.0], [6.0, 6.0]], ["", "", ""])
+    per_round = normalise_to_reference(model, reference, 1.0, window=1)
+    assert per_round.samples == [[3.0, 3.0], [3.0, 3.0], [3.0, 3.0]] and per_round.disturbed == ["", "waiting", ""]
+    whole = normalise_to_reference(model, reference, 1.0, window=0)
+    assert whole.samples == [[1.5, 1.5], [3.0, 3.0], [3.0, 3.0]]  # everything over 2.0, the process's median
+    assert normalise_to_reference(model, reference, None).samples == [[6.0, 6.0]] * 3  # at its own speed, 2.0
+
+
 def test_the_speed_book_keeps_the_first_clean_reference_speed_per_device(tmp_path):
     from podium.tasks.profile import SpeedBook
 

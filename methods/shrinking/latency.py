@@ -57,7 +57,9 @@ class LatencyTable:
 
     Entries and calibration networks share one process and its interleaved rounds on purpose: on a
     shared host the same network measured in two fresh processes moved by 10-30 %, far more than the
-    predictor's own error (see bench/shrinking.py)."""
+    predictor's own error (see bench/shrinking.py). Every later measurement of the table (whole
+    networks the search checks) is reported at the reference speed of that first process
+    (:func:`~podium.methods.profiling.normalise_to_reference`)."""
 
     def __init__(self, supernet: OFASupernet, device: DeviceProfile, cfg: ShrinkingConfig,
                  space: OpenSpace | None = None) -> None:
@@ -83,7 +85,10 @@ class LatencyTable:
         items = [self._recipe(f"layer{i}", _module_for_spec(s, self.cfg)[1], spec=list(s)) for i, s in enumerate(todo)]
         items += [self._recipe(f"net{i}", (self.supernet.in_chans, a.resolution, a.resolution), arch=a.to_dict())
                   for i, a in enumerate(archs)]
-        stats = measure_isolated(items, self.profile, memory=False) if items else {}
+        # one reference factor for the whole process: a round of ~150 models outlasts the reference's block
+        stats = measure_isolated(items, self.profile, memory=False, reference_window=0) if items else {}
+        if stats and self.profile.reference_ms is None:  # later measurements at the table's reference speed
+            self.profile = self.profile.model_copy(update={"reference_ms": next(iter(stats.values())).reference_ms})
         self.table.update({spec: stats[f"layer{i}"].p50_ms for i, spec in enumerate(todo)})
         return [stats[f"net{i}"].p50_ms for i in range(len(archs))]
 
