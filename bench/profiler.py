@@ -93,7 +93,7 @@ def measure_row(runtime: str, artifact: Path, shape: tuple[int, int, int], threa
                            "wall": [], "cores": ""}
     for _ in range(runs):
         profile = speeds.with_speed(DeviceProfile(name="bench", runtime=runtime, threads=threads, batch_size=1,
-                                                  latency_budget_ms=1000))
+                                                  latency_budget_ms=1000), "x".join(map(str, shape)))
         start = time.perf_counter()
         stats = measure_isolated([Artifact("model", artifact, shape)], profile, memory=False)["model"]
         row["wall"].append(time.perf_counter() - start)

@@ -57,7 +57,8 @@ from podium.methods.complexity import count
 from podium.methods.data import DataBundle
 from podium.methods.export import export_onnx, load_weights, save_weights
 from podium.methods.families import build
-from podium.methods.profiling import Artifact, DeviceProfile, LatencyStats, measure_against_budget
+from podium.methods.profiling import (Artifact, DeviceProfile, LatencyStats, measure_against_budget, reference_shape,
+                                      shape_text)
 from podium.methods.train import TrainConfig, cross_entropy_loss, evaluate, fit
 from podium.tasks.profile import ExportedModel, MeasuredCandidate, SpeedBook
 from podium.tasks.release import Choice, choose_winner
@@ -160,8 +161,9 @@ def profile_and_select(members: list[tuple[Candidate, ExportedModel]], device: D
     start = time.perf_counter()
     artifacts = [Artifact(c.name, e.artifact(device.runtime, c.model), e.input_shape) for c, e in members]
     first = not any(key[0] == device.name for key in PEAKS)
-    device = speeds.with_speed(device)
-    stats = measure_against_budget(artifacts, device, memory=first)
+    reference_input = reference_shape([a.input_shape for a in artifacts])
+    device = speeds.with_speed(device, shape_text(reference_input))
+    stats = measure_against_budget(artifacts, device, memory=first, reference_input=reference_input)
     speeds.record(device, stats)
     for name, s in stats.items():
         PEAKS.setdefault((device.name, name), s.peak_mem_mb)
@@ -277,7 +279,8 @@ def main() -> None:
             print(f"{device.name:<13} {condition:<9} {f'{k}/{n}':>11}  {'ok' if k == n else 'miss':<4}  "
                   f"{winners}{note}")
     print("reference speeds (ms, set by each device's first run): "
-          + ", ".join(f"{d.name} {speeds.with_speed(d).reference_ms}" for d in devices))
+          + ", ".join(f"{d.name} {speeds.with_speed(d, shape_text(members[0][1].input_shape)).reference_ms}"
+                      for d in devices))
     shutil.rmtree(speed_file.parent, ignore_errors=True)
     print(f"\nload average {load_average()}; total {time.perf_counter() - began:.0f} s")
 

@@ -29,7 +29,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -118,6 +118,7 @@ class LatencyStats:
     raw_p50_ms: float = math.nan  # the p50 this process timed, before normalising to the reference speed
     reference_p50_ms: float = math.nan  # the reference network's p50 in the same process and rounds
     reference_ms: float = math.nan  # the reference speed the p50s are reported at (nan: not normalised)
+    reference_input: str = ""  # CxHxW the reference ran at
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -355,15 +356,16 @@ def measure(model: "nn.Module | None", input_shape: tuple[int, int, int], profil
 # ------------------------------------------------------------------------------ the reference network
 
 REFERENCE = "podium-reference"  # its name among a measurement's runs
-REFERENCE_SHAPE = (3, 64, 64)
 SLOW_HOST = 1.25  # a process whose reference ran this much slower than the device's speed says so
 
 
-def reference_network() -> "nn.Module":
+def reference_network(in_chans: int = 3) -> "nn.Module":
     """The fixed network every measurement times beside its candidates (:func:`normalise_to_reference`):
     a small CNN of the candidates' operators (strided and depthwise convolutions, batch norm, pooling, a
-    linear head), with weights from a fixed seed; about 20 MFLOPs at :data:`REFERENCE_SHAPE`. Changing
-    it changes every device's speed: bump ``tasks.profile.MEASUREMENT_VERSION``."""
+    linear head) with weights from a fixed seed, run at the candidates' input size (see
+    :func:`reference_shape`): about 2 M multiply-adds at 1x32x32, 100 M at 3x224x224, so its balance of per-call
+    overhead and arithmetic follows the candidates'. Changing it changes every device's speed: bump
+    ``tasks.profile.MEASUREMENT_VERSION``."""
     import torch
     from torch import nn
 
@@ -373,30 +375,42 @@ def reference_network() -> "nn.Module":
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(0)
     try:
-        net = nn.Sequential(*conv(3, 24, 2), *conv(24, 48, 2), *conv(48, 48, 1, groups=48), *conv(48, 96, 1, k=1),
-                            *conv(96, 96, 2, groups=96), *conv(96, 128, 1, k=1), *conv(128, 128, 1),
-                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+        net = nn.Sequential(*conv(in_chans, 16, 2), *conv(16, 32, 2), *conv(32, 32, 1, groups=32), *conv(32, 64, 1, k=1),
+                            *conv(64, 64, 2, groups=64), *conv(64, 96, 1, k=1), *conv(96, 96, 1),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, 10))
     finally:
         torch.random.set_rng_state(generator_state)
     return net.eval()
+
+
+def reference_shape(shapes: Sequence[tuple[int, int, int]]) -> tuple[int, int, int]:
+    """The input the reference runs at beside models of ``shapes``: the largest of them (pixels, then
+    channels), so one call's candidates share one reference and one device speed."""
+    return tuple(max(shapes, key=lambda s: (s[1] * s[2], s[0])))  # type: ignore[return-value]
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
 
 
 _reference_folder: Path | None = None
 
 
 @functools.lru_cache(maxsize=None)
-def _reference_artifact(runtime: str) -> "Artifact":
-    """The reference as ``runtime`` runs it: a recipe for runtimes that run modules (built in the measuring
-    process), else its artifact exported once per process (the measuring process then needs no torch)."""
+def _reference_artifact(runtime: str, shape: tuple[int, int, int]) -> "Artifact":
+    """The reference as ``runtime`` runs it at ``shape``: a recipe for runtimes that run modules (built in
+    the measuring process), else its artifact exported once per process (the measuring process then
+    needs no torch)."""
     global _reference_folder
     rt = get_runtime(runtime)
     if rt.runs_module:
-        return Artifact(REFERENCE, None, REFERENCE_SHAPE, build="podium.methods.profiling:reference_network")
+        return Artifact(REFERENCE, None, shape, build="podium.methods.profiling:reference_network",
+                        build_args={"in_chans": shape[0]})
     if _reference_folder is None:
         _reference_folder = Path(tempfile.mkdtemp(prefix="podium-reference-"))
         atexit.register(shutil.rmtree, _reference_folder, True)
-    path = rt.export(reference_network(), REFERENCE_SHAPE, _reference_folder / runtime)
-    return Artifact(REFERENCE, Path(path), REFERENCE_SHAPE)
+    path = rt.export(reference_network(shape[0]), shape, _reference_folder / f"{runtime}-{shape_text(shape)}")
+    return Artifact(REFERENCE, Path(path), shape)
 
 
 @dataclass(frozen=True)
@@ -427,11 +441,13 @@ def pinned_cores(profile: DeviceProfile) -> list[int]:
 
 
 def measure_isolated(artifacts: list[Artifact], profile: DeviceProfile, memory: bool = True,
-                     timeout_s: float = 1800.0, reference_window: int = 1) -> dict[str, LatencyStats]:
+                     timeout_s: float = 1800.0, reference_window: int = 1,
+                     reference_input: tuple[int, int, int] | None = None) -> dict[str, LatencyStats]:
     """Every artifact timed in one fresh process pinned to :func:`pinned_cores`, interleaved in rounds
     with the :func:`reference_network`, and normalised to it (the stats' p50s are at the reference
     speed ``profile.reference_ms``, or at this process's own when that is None; ``raw_p50_ms`` is
-    what this process timed; ``reference_window``: see :func:`normalise_to_reference`).
+    what this process timed; ``reference_window``: see :func:`normalise_to_reference`; the reference
+    runs at ``reference_input``, by default :func:`reference_shape` of the artifacts').
 
     The process imports only the runtime, fixes its thread counts (``OMP_NUM_THREADS``, the runtime's
     intra-op threads, one inter-op thread) and answers through a JSON file. Peak memory comes from the
@@ -443,6 +459,7 @@ def measure_isolated(artifacts: list[Artifact], profile: DeviceProfile, memory: 
     if any(a.name == REFERENCE for a in artifacts):
         raise ValueError(f"{REFERENCE!r} is the reference network's name; give the model another")
     rt = get_runtime(profile.runtime)
+    ref_shape = tuple(reference_input or reference_shape([a.input_shape for a in artifacts]))
     cores = pinned_cores(profile)
     threads = str(profile.threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
@@ -453,7 +470,7 @@ def measure_isolated(artifacts: list[Artifact], profile: DeviceProfile, memory: 
             "reference_window": reference_window,
             "artifacts": [{"name": a.name, "path": str(a.path) if a.path else None, "input_shape": list(a.input_shape),
                            "build": a.build, "build_args": a.build_args}
-                          for a in [*artifacts, _reference_artifact(profile.runtime)]]}))
+                          for a in [*artifacts, _reference_artifact(profile.runtime, ref_shape)]]}))
         done = subprocess.run([sys.executable, "-m", "podium.methods.profiling", str(request)], env=env,
                               capture_output=True, text=True, timeout=timeout_s)
         if done.returncode != 0 or not answer.exists():
@@ -465,24 +482,25 @@ def measure_isolated(artifacts: list[Artifact], profile: DeviceProfile, memory: 
         peak = rt.peak_memory_mb(a.path, a.input_shape, profile.threads, profile.batch_size) if memory else math.nan
         out[a.name] = LatencyStats(**timings[a.name], peak_mem_mb=peak, runtime=rt.name, threads=profile.threads,
                                    batch_size=profile.batch_size, precision=a.precision,
-                                   cores=",".join(map(str, cores)))
+                                   cores=",".join(map(str, cores)), reference_input=shape_text(ref_shape))
     return out
 
 
-def measure_against_budget(artifacts: list[Artifact], profile: DeviceProfile, memory: bool = True
-                           ) -> dict[str, LatencyStats]:
+def measure_against_budget(artifacts: list[Artifact], profile: DeviceProfile, memory: bool = True,
+                           reference_input: tuple[int, int, int] | None = None) -> dict[str, LatencyStats]:
     """:func:`measure_isolated`, then once more, in a new process with twice the rounds, for those whose
     interval straddles the latency budget (a verdict still ``ambiguous`` after that is reported as such).
     The second process reports at the first one's reference speed, so both are on one scale. Peak memory
     is probed once."""
-    stats = measure_isolated(artifacts, profile, memory=memory)
+    reference_input = reference_input or reference_shape([a.input_shape for a in artifacts])
+    stats = measure_isolated(artifacts, profile, memory=memory, reference_input=reference_input)
     straddling = [a for a in artifacts if stats[a.name].budget_verdict(profile.latency_budget_ms) == "ambiguous"]
     if straddling:
         first_speed = stats[straddling[0].name].reference_ms
         speed = profile.reference_ms or (first_speed if first_speed > 0 else None)  # nan: not normalised
         closer = profile.model_copy(update={"min_rounds": 2 * profile.min_rounds, "max_rounds": 2 * profile.max_rounds,
                                             "max_seconds": 2 * profile.max_seconds, "reference_ms": speed})
-        for name, again in measure_isolated(straddling, closer, memory=False).items():
+        for name, again in measure_isolated(straddling, closer, memory=False, reference_input=reference_input).items():
             note = "; ".join(x for x in (again.interference, "re-measured: straddled the budget") if x)
             stats[name] = dataclasses.replace(again, interference=note, peak_mem_mb=stats[name].peak_mem_mb)
     return stats

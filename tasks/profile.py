@@ -31,7 +31,8 @@ from torch import nn
 from podium.files import TMP_MARK, atomic_path, atomic_write_text, parse_json, sha256_file
 from podium.methods.base import Candidate
 from podium.methods.export import export_onnx, save_weights
-from podium.methods.profiling import Artifact, DeviceProfile, LatencyStats, measure_against_budget
+from podium.methods.profiling import (Artifact, DeviceProfile, LatencyStats, measure_against_budget, reference_shape,
+                                      shape_text)
 from podium.methods.runtimes import get_runtime
 from podium.tasks.common import RunContext, candidate_digest, read_cache
 
@@ -182,13 +183,15 @@ class SpeedBook:
         self.entries: dict[str, dict] = read_cache(path)
 
     @staticmethod
-    def key(device: DeviceProfile) -> str:
-        return f"{host_identity()}|{_measurement_key('reference', device.model_copy(update={'reference_ms': None}))}"
+    def key(device: DeviceProfile, reference_input: str) -> str:
+        settings = _measurement_key(f"reference {reference_input}", device.model_copy(update={"reference_ms": None}))
+        return f"{host_identity()}|{settings}"
 
-    def with_speed(self, device: DeviceProfile) -> DeviceProfile:
+    def with_speed(self, device: DeviceProfile, reference_input: str) -> DeviceProfile:
+        """``device`` at its kept speed for the reference at ``reference_input`` (CxHxW), if any."""
         if device.reference_ms is not None:
             return device
-        entry = self.entries.get(self.key(device))
+        entry = self.entries.get(self.key(device, reference_input))
         speed = entry.get("reference_ms") if isinstance(entry, dict) else None
         if not isinstance(speed, (int, float)) or not speed > 0:
             return device
@@ -200,10 +203,10 @@ class SpeedBook:
         clean = [s for s in measured.values() if not s.noisy and s.reference_ms > 0]  # nan: not normalised
         if device.reference_ms is not None or not clean:
             return device
-        speed = clean[0].reference_ms
+        speed, reference_input = clean[0].reference_ms, clean[0].reference_input
         with _cache_lock:
-            self.entries[self.key(device)] = {"reference_ms": speed, "device": device.name,
-                                              "load": round(os.getloadavg()[0], 2)}
+            self.entries[self.key(device, reference_input)] = {"reference_ms": speed, "device": device.name,
+                                                               "load": round(os.getloadavg()[0], 2)}
             atomic_write_text(self.path, json.dumps(self.entries, indent=1))
         log.info("device %s: reference speed %.4f ms kept in %s", device.name, speed, self.path)
         return device.model_copy(update={"reference_ms": speed})
@@ -248,8 +251,11 @@ def measure_pool(ctx: RunContext, pool: list[MeasuredCandidate], devices: list[D
     for device in devices:
         if device.work_pool:
             continue
-        device = speeds.with_speed(device)
         offered = [m for m in pool if device.name in m.offered_to]
+        if not offered:
+            continue
+        reference_input = reference_shape([m.export.input_shape for m in offered])  # the same for every run
+        device = speeds.with_speed(device, shape_text(reference_input))
         missing = []
         for member in offered:
             cached = cache.get(_measurement_key(member.export.digest, device))
@@ -257,7 +263,7 @@ def measure_pool(ctx: RunContext, pool: list[MeasuredCandidate], devices: list[D
                 missing.append(member)
             else:
                 member.stats[device.name] = cached
-        measured = measure_device({m.name: m for m in missing}, device) if missing else {}
+        measured = measure_device({m.name: m for m in missing}, device, reference_input) if missing else {}
         device = speeds.record(device, measured)  # the first clean measurement here sets the speed
         for name, stats in measured.items():
             member = next(m for m in missing if m.name == name)
@@ -268,12 +274,13 @@ def measure_pool(ctx: RunContext, pool: list[MeasuredCandidate], devices: list[D
     profile_remote_devices(ctx, [d for d in devices if d.work_pool], pool, cache, remote_timeout_s)
 
 
-def measure_device(members: dict[str, MeasuredCandidate], device: DeviceProfile) -> dict[str, LatencyStats]:
+def measure_device(members: dict[str, MeasuredCandidate], device: DeviceProfile,
+                   reference_input: tuple[int, int, int] | None = None) -> dict[str, LatencyStats]:
     """Each member's own artifact for ``device``'s runtime, measured together in one isolated process
     (:func:`~podium.methods.profiling.measure_against_budget`)."""
     artifacts = [Artifact(name, m.export.artifact(device.runtime, m.candidate.model), m.export.input_shape,
                           m.precision) for name, m in members.items()]
-    return measure_against_budget(artifacts, device)
+    return measure_against_budget(artifacts, device, reference_input=reference_input)
 
 
 def profile_remote_devices(ctx: RunContext, devices: list[DeviceProfile], pool: list[MeasuredCandidate],

@@ -197,16 +197,19 @@ def test_the_speed_book_keeps_the_first_clean_reference_speed_per_device(tmp_pat
     book = SpeedBook(tmp_path / "device_speed.json")
     one = DeviceProfile(name="a", runtime="onnxruntime", latency_budget_ms=1)
     two = one.model_copy(update={"threads": 2})
-    stats = LatencyStats(1.0, 1.1, 1.0, 0.1, 50, 5.0, "onnxruntime", 1, 1, reference_ms=0.3, reference_p50_ms=0.3)
+    stats = LatencyStats(1.0, 1.1, 1.0, 0.1, 50, 5.0, "onnxruntime", 1, 1, reference_ms=0.3, reference_p50_ms=0.3,
+                         reference_input="1x32x32")
     assert book.record(one, {"m": dataclasses.replace(stats, noisy=True)}) == one  # noisy: sets nothing
-    assert book.with_speed(one).reference_ms is None
+    assert book.with_speed(one, "1x32x32").reference_ms is None
     assert book.record(one, {"m": stats}).reference_ms == 0.3
     later = dataclasses.replace(stats, reference_ms=0.5)
-    assert book.record(book.with_speed(one), {"m": later}).reference_ms == 0.3  # the first one stays
+    assert book.record(book.with_speed(one, "1x32x32"), {"m": later}).reference_ms == 0.3  # the first one stays
     again = SpeedBook(tmp_path / "device_speed.json")
-    assert again.with_speed(one).reference_ms == 0.3 and again.with_speed(two).reference_ms is None
+    assert again.with_speed(one, "1x32x32").reference_ms == 0.3
+    # another thread count, or the reference at another input, is another speed
+    assert again.with_speed(two, "1x32x32").reference_ms is None and again.with_speed(one, "3x64x64").reference_ms is None
     configured = one.model_copy(update={"reference_ms": 0.9})
-    assert again.with_speed(configured).reference_ms == 0.9  # the device's own config wins
+    assert again.with_speed(configured, "1x32x32").reference_ms == 0.9  # the device's own config wins
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +278,7 @@ def test_only_candidates_straddling_the_budget_are_measured_again(monkeypatch):
     first = {"clear": stats(0.5, 0.45, 0.55), "straddles": stats(0.98, 0.9, 1.1), "over": stats(2.0, 1.9, 2.1)}
     calls = []
 
-    def fake(artifacts, profile, memory=True):  # noqa: ARG001
+    def fake(artifacts, profile, memory=True, reference_input=None):  # noqa: ARG001
         calls.append(([a.name for a in artifacts], profile.min_rounds, profile.reference_ms))
         return first if len(calls) == 1 else {"straddles": stats(0.97, 0.95, 0.99)}
 

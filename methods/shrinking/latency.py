@@ -86,7 +86,9 @@ class LatencyTable:
         items += [self._recipe(f"net{i}", (self.supernet.in_chans, a.resolution, a.resolution), arch=a.to_dict())
                   for i, a in enumerate(archs)]
         # one reference factor for the whole process: a round of ~150 models outlasts the reference's block
-        stats = measure_isolated(items, self.profile, memory=False, reference_window=0) if items else {}
+        size = max(self.cfg.resolutions)
+        stats = (measure_isolated(items, self.profile, memory=False, reference_window=0,
+                                  reference_input=(self.supernet.in_chans, size, size)) if items else {})
         if stats and self.profile.reference_ms is None:  # later measurements at the table's reference speed
             self.profile = self.profile.model_copy(update={"reference_ms": next(iter(stats.values())).reference_ms})
         self.table.update({spec: stats[f"layer{i}"].p50_ms for i, spec in enumerate(todo)})
