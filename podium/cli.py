@@ -81,14 +81,26 @@ def validate(config: Path = typer.Option(Path("configs/demo.yaml")), project_dir
 def data_import(path: Path, name: str = typer.Option(..., help="dataset name: data/<name>"),
                 val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
                 project_dir: Path = typer.Option(Path("."))) -> None:
-    """Bring an ImageFolder dataset under data/<name> (split, manifest, DVC-tracked)."""
+    """Bring an ImageFolder dataset under data/<name> (split, manifest, DVC-tracked); give the repository a
+    default DVC remote outside the working tree when it has none. Lists what it wrote and changed."""
 
     def action() -> None:
         from podium import dvc_ops
         from podium.data import import_imagefolder
 
         root = import_imagefolder(path, project_dir, name, val_fraction, test_fraction, seed)
+        changes = dvc_ops.ensure_default_remote(project_dir)
+        files = dvc_ops.repository_files(project_dir, root)
         typer.echo(f"imported {path} -> {root} (DVC md5 {dvc_ops.dataset_hash(project_dir, root)})")
+        typer.echo("written:")
+        typer.echo(f"  {'data':<10} {root} (git-ignored: DVC's cache holds it)")
+        for file in files:
+            typer.echo(f"  {'dvc':<10} {file}")
+        for change in changes:
+            typer.echo(f"  {'dvc config':<10} {change}")
+        typer.echo(f"  {'dvc remote':<10} {dvc_ops.describe_remote(project_dir)}")
+        to_commit = " ".join(files + ([dvc_ops.PROJECT_CONFIG] if changes else []))
+        typer.echo(f"next: git add {to_commit} && git commit; dvc push")
 
     _run(action)
 

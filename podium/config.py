@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, ValidationError, create_model, field_validator, model_validator
 
 from podium.devices import DEFAULT_INVENTORY
-from podium.errors import ConfigError, first_line
+from podium.errors import ConfigError, DataError, first_line
 from podium.files import load_yaml
 from podium.methods.base import StrictModel
 from podium.methods.catalog import config_class, method_names
@@ -53,8 +53,20 @@ def _unique(values: list[str] | None, what: str) -> list[str] | None:
 
 
 class RemoteConfig(StrictModel):
-    url: str  # s3://bucket/path (or an absolute local path)
+    """A DVC remote the pipeline records (as ``podium``) in the committed ``.dvc/config`` and pushes to."""
+
+    url: str  # s3://bucket/path, or an absolute (or ~) folder outside the working tree
     endpoint_url: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _pullable_from_a_clone(cls, url: str) -> str:
+        from podium.dvc_ops import check_remote_url
+
+        try:
+            return check_remote_url(url)
+        except DataError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class DataConfig(LoaderConfig):
@@ -65,7 +77,8 @@ class DataConfig(LoaderConfig):
     classes: list[ClassName] | None = Field(None, min_length=2)  # declared class set; None: the train folders
     min_per_class: int = Field(5, ge=1)  # per class, in every split
     min_side: int = Field(8, ge=1)  # smallest image side validation accepts
-    dvc_remote: RemoteConfig | None = None  # None = the repository's default (local) remote
+    dvc_remote: RemoteConfig | None = None  # None: the repository's default remote (`local`, in the user's
+    # cache, added to .dvc/config when it has none: podium.dvc_ops.ensure_default_remote)
     push: bool = True  # after validation passed, never before
 
     @field_validator("classes")

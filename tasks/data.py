@@ -11,10 +11,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from podium import dvc_ops
+from podium.errors import DataError
 from podium.tasks.common import TRANSIENT_RETRIES, DatasetRef, RunContext
 from podium.validation import ValidationReport, validate_dataset_cached
 
 log = logging.getLogger("podium.tasks.data")
+
+PODIUM_REMOTE = "podium"  # the DVC remote ``data.dvc_remote`` is recorded as
 
 
 # cache_policy=NO_CACHE: never reused across runs, and Prefect's default policy would hash every input
@@ -29,7 +32,8 @@ def version_dataset(ctx: RunContext) -> DatasetRef:
     else:  # a dataset tracked with `dvc add` (e.g. `podium data import`): re-hash what is on disk
         dvc_ops.track(project, cfg.path)
     data_hash = dvc_ops.dataset_hash(project, cfg.path)
-    log.info("dataset %s at DVC md5 %s", cfg.path, data_hash)
+    log.info("dataset %s at DVC md5 %s; DVC keeps it in git as %s (commit them)", cfg.path, data_hash,
+             ", ".join(dvc_ops.repository_files(project, cfg.path, cfg.stage)) or "nothing")
     classes = tuple(cfg.classes) if cfg.classes else None
     return DatasetRef(root=str(project / cfg.path), data_hash=data_hash, classes=classes)
 
@@ -60,14 +64,40 @@ def validate_data(ctx: RunContext, ref: DatasetRef) -> ValidationReport:
 
 
 @task(name="push-dataset", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
-def push_dataset(ctx: RunContext, ref: DatasetRef, validated: ValidationReport) -> None:
-    """``dvc push`` the dataset (``data.push``) to ``data.dvc_remote`` or the repository's default remote;
-    ``validated`` is :func:`validate_data`'s passing report, so nothing unvalidated is ever pushed."""
+def push_dataset(ctx: RunContext, ref: DatasetRef, validated: ValidationReport) -> list[str]:
+    """``dvc push`` the dataset (``data.push``) to ``data.dvc_remote`` (remote ``podium``) or the
+    repository's default remote (``local`` in the user's cache when it has none); ``validated`` is
+    :func:`validate_data`'s passing report, so nothing unvalidated is ever pushed.
+
+    The remote is recorded in the committed ``.dvc/config`` (a clone pulls from it); the changes made
+    there are logged and returned, one line each. ``.dvc/config.local`` is never written."""
     validated.raise_for_failures()
     cfg = ctx.cfg.data
     if not cfg.push:
-        return
+        return []
     if cfg.dvc_remote is not None:
-        dvc_ops.configure_s3_remote(ctx.project_path, "podium", cfg.dvc_remote.url, cfg.dvc_remote.endpoint_url)
-    dvc_ops.push(ctx.project_path, "podium" if cfg.dvc_remote is not None else None)
-    log.info("dataset %s (DVC md5 %s) pushed", cfg.path, ref.data_hash)
+        changes = dvc_ops.configure_remote(ctx.project_path, PODIUM_REMOTE, cfg.dvc_remote.url,
+                                           cfg.dvc_remote.endpoint_url)
+    else:
+        changes = dvc_ops.ensure_default_remote(ctx.project_path)
+    dvc_ops.push(ctx.project_path, PODIUM_REMOTE if cfg.dvc_remote is not None else None)
+    log.info("dataset %s (DVC md5 %s) pushed to %s", cfg.path, ref.data_hash, _remote(ctx))
+    return [str(change) for change in changes]
+
+
+def _remote(ctx: RunContext) -> str:
+    return dvc_ops.describe_remote(ctx.project_path, PODIUM_REMOTE if ctx.cfg.data.dvc_remote is not None else None)
+
+
+def repository_writes(ctx: RunContext) -> dict[str, str]:
+    """For a run's ``written:`` listing: the DVC files the data step keeps in the repository (to commit
+    with git) and, when it pushes, the remote ``.dvc/config`` records for it."""
+    cfg = ctx.cfg.data
+    try:
+        files = dvc_ops.repository_files(ctx.project_path, cfg.path, cfg.stage)
+        writes = {"dvc": f"{', '.join(files) or 'nothing'} in {ctx.project_path.resolve()} (commit with git)"}
+        if cfg.push:
+            writes["dvc remote"] = _remote(ctx)
+    except DataError as exc:  # a listing never fails a finished run
+        writes = {"dvc": f"unknown: {exc}"}
+    return writes

@@ -95,12 +95,23 @@ def png_bomb(path: Path, width: int = 30000, height: int = 30000) -> Path:
     return path
 
 
+def local_remote(project: Path) -> Path:
+    """The default DVC remote of a :func:`dvc_project`: a sibling folder, in the test's temp dir."""
+    return project.parent / f"{project.name}.dvc-remote"
+
+
 def dvc_project(path: Path) -> Path:
-    """A fresh git + DVC repository using this repo's committed DVC config (relative remote, site cache)."""
+    """A fresh git + DVC repository using this repo's committed DVC config (site cache, remotes), its
+    default remote ``local`` moved from the user's cache to :func:`local_remote` (nothing written to ~)."""
+    from configobj import ConfigObj
+
     path.mkdir(parents=True)
     subprocess.run(["git", "init", "-q"], cwd=path, check=True)
     shutil.copytree(REPO / ".dvc", path / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
     shutil.copy(REPO / ".dvcignore", path / ".dvcignore")
+    config = ConfigObj(str(path / ".dvc" / "config"))
+    config['remote "local"']["url"] = str(local_remote(path))
+    config.write()
     return path
 
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from podium.cli import app
 from podium.errors import DataValidationError
 from tests.data_corpus import make_flat_imagefolder, make_presplit_imagefolder
-from tests.photos import dvc_project, png_bomb
+from tests.photos import dvc_project, local_remote, png_bomb
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -274,7 +274,7 @@ def test_nothing_is_pushed_before_validation_passed(tmp_path: Path) -> None:
     raw = yaml.safe_load(DEMO.read_text())
     raw["data"].update(path="data/ds", stage=None)
     ctx = RunContext(cfg=parse_config(raw), project_dir=str(project), run_id="r", git_sha="g")
-    remote = project / ".dvcstore"  # the copied DVC config's default remote
+    remote = local_remote(project)  # the default remote dvc_project configures
 
     ref = version_dataset.fn(ctx)
     assert ref.data_hash.endswith(".dir") and not remote.exists()

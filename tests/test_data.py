@@ -28,7 +28,7 @@ from podium.data import (
 from podium.methods.transforms import LoaderConfig
 from podium.validation import validate_dataset
 from tests.data_corpus import make_flat_imagefolder, make_presplit_imagefolder
-from tests.photos import dvc_project
+from tests.photos import dvc_project, local_remote
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,7 +180,7 @@ def test_dvc_repro_gives_dir_md5(tmp_path: Path) -> None:
     assert len(read_manifest(project / "data" / "digits")) == 1797
     assert "didn't change" in dvc_ops.reproduce(project, "export_digits")
     dvc_ops.push(project)
-    store = project / ".dvcstore"  # the committed remote url is relative: it resolves inside the clone
+    store = local_remote(project)  # outside the project: a clone pulls from it
     assert (store / "files" / "md5" / md5[:2] / md5[2:]).is_file()
     assert not (project / ".dvc" / "config.local").exists()
     with pytest.raises(DataError, match="no DVC md5 for data/other"):
@@ -189,24 +189,26 @@ def test_dvc_repro_gives_dir_md5(tmp_path: Path) -> None:
         dvc_ops.reproduce(project, "nope")
 
 
-def test_s3_remote_goes_to_config_local_and_push_works(tmp_path: Path, s3: str) -> None:
-    """configure_s3_remote writes only .dvc/config.local; a push lands in a real (moto) S3 bucket."""
+def test_s3_remote_goes_to_committed_config_and_push_works(tmp_path: Path, s3: str) -> None:
+    """configure_remote records the remote in .dvc/config (a clone pulls from it), never in
+    .dvc/config.local, and writes only what differs; a push lands in a real (moto) S3 bucket."""
     import boto3
 
     project = dvc_project(tmp_path / "proj")
-    committed = (project / ".dvc" / "config").read_text()
     src = make_presplit_imagefolder(tmp_path / "src", counts={"train": 5, "val": 1, "test": 1})
     root = import_imagefolder(src, project, "small")
     boto3.client("s3", endpoint_url=s3).create_bucket(Bucket="podium-data")
 
-    dvc_ops.configure_s3_remote(project, "podium", "s3://podium-data/dvc", s3)
+    changes = dvc_ops.configure_remote(project, "podium", "s3://podium-data/dvc", s3)
     dvc_ops.push(project, "podium")
 
-    local = (project / ".dvc" / "config.local").read_text()
-    assert "s3://podium-data/dvc" in local and s3 in local
-    assert (project / ".dvc" / "config").read_text() == committed
+    assert [str(c) for c in changes] == [f".dvc/config: remote.podium.endpointurl = {s3} (was http://minio:9000)"]
+    remote = dvc_ops.read_config(project)["remote"]["podium"]
+    assert remote == {"url": "s3://podium-data/dvc", "endpointurl": s3}
+    assert not (project / ".dvc" / "config.local").exists()
+    assert dvc_ops.configure_remote(project, "podium", "s3://podium-data/dvc", s3) == []  # nothing differs
     md5 = dvc_ops.dataset_hash(project, root)
     keys = {o["Key"] for o in boto3.client("s3", endpoint_url=s3).list_objects_v2(Bucket="podium-data")["Contents"]}
     assert f"dvc/files/md5/{md5[:2]}/{md5[2:]}" in keys and len(keys) == 14 + 2  # 14 images, manifest.csv, the .dir listing
-    with pytest.raises(DataError, match="must start with s3://"):
-        dvc_ops.configure_s3_remote(project, "podium", "/abs/path")
+    with pytest.raises(DataError, match="must be s3://bucket/path or an absolute folder"):
+        dvc_ops.configure_remote(project, "podium", "relative/path")
