@@ -1,4 +1,8 @@
-"""The `podium` command: run the pipeline, manage data, inspect spaces, fetch released models."""
+"""The `podium` command: run the pipeline, manage data, inspect spaces, fetch and run released models."""
+# Every command imports what it needs inside itself: `podium fetch` and `podium predict` answer in about a
+# second, so this module imports only typer and the standard library (torch, Prefect and MLflow take 10+ s
+# to import; they belong to the commands that train, track or orchestrate). tests/test_deploy_client.py
+# checks it.
 from __future__ import annotations
 
 import contextlib
@@ -121,6 +125,39 @@ def fetch(model: str = typer.Option(...), device: str = typer.Option(...), dest:
         typer.echo(f"fetched {model}/{device} v{manifest['version']} -> {dest}: run {artifact['main']} with "
                    f"{artifact['runtime']} ({artifact['precision']}); files "
                    f"{', '.join(f['name'] for f in manifest['files'])}")
+
+    _run(action)
+
+
+@app.command()
+def predict(images: list[Path] = typer.Argument(..., help="image files to classify"),
+            model: str = typer.Option(...), device: str = typer.Option(...),
+            store: str = typer.Option("store", help="store URI: a folder or s3://bucket/prefix"),
+            endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (else AWS_ENDPOINT_URL)"),
+            version: Optional[str] = typer.Option(None, help="a release version (default: current)"),
+            dest: Optional[Path] = typer.Option(None, help="folder the release is fetched into and reused from "
+                                                           "[default: .podium/releases/<model>/<device>]"),
+            threads: Optional[int] = typer.Option(None, min=1, help="runtime threads (default: the device's)"),
+            max_pixels: Optional[int] = typer.Option(None, min=1, help="refuse larger images (default 64 MP)"),
+            ) -> None:
+    """Classify images with a device's released model: one line per image (path, class, confidence).
+
+    Fetches into --dest or reuses a verified fetch there; runs the release's runtime and preprocessing."""
+
+    def action() -> None:
+        from podium.predict import ReleasedModel, check_image_paths, fetch_or_reuse
+        from podium.registry.stores import open_store
+
+        paths = check_image_paths(images)  # a typo fails before anything is fetched
+        folder = dest or Path(".podium") / "releases" / model / device
+        manifest, reused = fetch_or_reuse(open_store(store, endpoint_url), model, device, folder, version=version)
+        limits = {} if max_pixels is None else {"max_pixels": max_pixels}
+        with ReleasedModel.open(folder, threads, manifest, **limits) as released:
+            artifact = manifest.get("artifact") or {}
+            typer.echo(f"{model}/{device} v{manifest['version']} ({'reused' if reused else 'fetched'} in {folder}): "
+                       f"{artifact.get('main', 'model.onnx')} on {artifact.get('runtime', 'onnxruntime')}", err=True)
+            for prediction in released.predict_files(paths):
+                typer.echo(f"{prediction.path}\t{prediction.label}\t{prediction.confidence:.4f}")
 
     _run(action)
 
