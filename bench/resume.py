@@ -1,15 +1,18 @@
 """What a crash costs: checkpoint overhead and the time lost to a kill in the middle of a training.
 
-    python bench/resume.py [--epochs 4] [--every 10] [--threads 2] [--store DIR]
+    python bench/resume.py [--epochs 4] [--every 10] [--kill-after 1.5] [--threads 1]
 
 Trains the demo's larger anchor (timm-style ResNet [2,2,2,2], 32-64-128-256) on the bundled
 digits with the one training loop, three ways, and prints one table:
   * plain: no checkpoints;
   * checkpointed: a checkpoint every ``--every`` seconds into a local artifact store (the same
     code path as the pipeline: tasks.common.StoreCheckpoints);
-  * killed + resumed: the training dies half way (an exception at the middle step, the in-process
-    stand-in for SIGKILL, which tests/test_crash_resume.py does for real), then a fresh model
-    resumes from the last checkpoint. Lost time = (killed part + resumed part) - checkpointed.
+  * killed + resumed: the training dies ``--kill-after`` checkpoint intervals in (1.5: half way
+    between the first and the second checkpoint, so there is always one to resume from and half an
+    interval of work to lose; the step is placed from the checkpointed run's own step rate), by an
+    exception at that step, the in-process stand-in for SIGKILL that tests/test_crash_resume.py does
+    for real; then a fresh model resumes from the last checkpoint. Lost time = (killed part +
+    resumed part) - checkpointed. A training too short for the kill to follow a checkpoint is refused.
 The resumed model's weights are compared with the uninterrupted checkpointed run's (bit-exact
 expected: the checkpoint holds every random state and the position in the epoch).
 """
@@ -65,7 +68,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=float, default=4)
     parser.add_argument("--every", type=float, default=10.0, help="checkpoint interval, seconds")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kill-after", type=float, default=1.5, help="kill this many checkpoint intervals in")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(epochs=args.epochs, lr=0.1, log_every_s=1e9)
@@ -73,7 +77,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         plain_s, _, _ = run(cfg, None, args.every)
         saved_s, reference, _ = run(cfg, Path(tmp) / "full", args.every)
-        killed_s, _, _ = run(cfg, Path(tmp) / "killed", args.every, kill_at=steps // 2)
+        kill_at = round(args.kill_after * args.every * steps / saved_s)
+        if not args.every * steps / saved_s <= kill_at < steps:
+            raise SystemExit(f"error: a kill {args.kill_after:g} intervals of {args.every:g} s in is step {kill_at}, "
+                             f"but the first checkpoint comes at step {round(args.every * steps / saved_s)} and the "
+                             f"training has {steps}: lower --every or raise --epochs")
+        killed_s, _, _ = run(cfg, Path(tmp) / "killed", args.every, kill_at=kill_at)
         resumed_s, resumed, result = run(cfg, Path(tmp) / "killed", args.every)
         size = sum(p.stat().st_size for p in (Path(tmp) / "full").rglob("*.pt"))
     same = all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()))
@@ -82,7 +91,8 @@ def main() -> None:
         ("plain (no checkpoints)", f"{plain_s:.1f} s", ""),
         (f"checkpointed every {args.every:g} s", f"{saved_s:.1f} s",
          f"overhead {100 * (saved_s - plain_s) / plain_s:+.1f}% (checkpoint {size / 1e6:.1f} MB)"),
-        (f"killed at step {steps // 2}/{steps}", f"{killed_s:.1f} s", ""),
+        (f"killed at step {kill_at}/{steps}", f"{killed_s:.1f} s",
+         f"{args.kill_after:g} checkpoint intervals in"),
         (f"resumed from step {result.resumed_at}", f"{resumed_s:.1f} s",
          f"lost {lost:.1f} s = {100 * lost / saved_s:.1f}% of the training; weights bit-identical: {same}"),
     ]
