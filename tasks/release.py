@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -27,10 +28,12 @@ from podium.methods.export import with_metadata
 from podium.methods.profiling import DeviceProfile, LatencyStats
 from podium.methods.runtimes import available_runtimes, get_runtime
 from podium.registry import promotion
-from podium.registry.mlflow_registry import model_files
+from podium.registry.mlflow_registry import model_files, onnx_signature
+from podium.registry.model_card import model_card
 from podium.registry.store_lock import promotion_lock
 from podium.tasks.common import TRANSIENT_RETRIES, DatasetRef, RunContext, load_data
 from podium.tasks.profile import MeasuredCandidate
+from podium.tasks.runs import record_dataset
 
 log = logging.getLogger("podium.tasks.release")
 
@@ -207,6 +210,13 @@ def runtime_files(winner: MeasuredCandidate, device: DeviceProfile) -> list[Path
     return [] if files == [winner.export.onnx] else files
 
 
+def _interface(onnx_path: Path) -> dict:
+    """The graph's input and output tensors (name, shape with -1 for the batch), as the card states them."""
+    signature = onnx_signature(onnx.load(str(onnx_path)))
+    return {"input": {"name": signature.inputs.inputs[0].name, "shape": list(signature.inputs.inputs[0].shape)},
+            "output": {"name": signature.outputs.inputs[0].name, "shape": list(signature.outputs.inputs[0].shape)}}
+
+
 def _metadata(ctx: RunContext, ref: DatasetRef, data: DataBundle, winner: MeasuredCandidate,
               device: DeviceProfile, stats: LatencyStats, shipped: list[Path]) -> dict:
     spec, cand = data.input_spec, winner.candidate
@@ -221,7 +231,8 @@ def _metadata(ctx: RunContext, ref: DatasetRef, data: DataBundle, winner: Measur
         "input_spec": {"channels": spec.channels, "height": cand.input_size[0], "width": cand.input_size[1],
                        "mean": list(spec.mean), "std": list(spec.std), "pixel_scale": "[0, 1] then (x - mean) / std",
                        "class_names": data.class_names},
-        "preprocessing": data.preprocessing(cand.input_size),
+        "preprocessing": data.preprocessing(cand.input_size), "interface": _interface(winner.export.onnx),
+        "evaluation": {"split": "val", "images": len(data.splits["val"])},
         "metrics": {**cand.metrics, "p50_ms": stats.p50_ms, "p90_ms": stats.p90_ms, "peak_mem_mb": stats.peak_mem_mb},
         "latency": stats.as_dict(), "device_profile": device.model_dump(mode="json"),
         "lineage": {"data_hash": ref.data_hash, "git_sha": ctx.git_sha, "run_id": ctx.run_id,
@@ -263,11 +274,15 @@ def promote_and_publish(ctx: RunContext, ref: DatasetRef, device: DeviceProfile,
     decision = promotion.decide_promotion(challenger_acc, champion, ref.data_hash,
                                           fair.champion_acc if fair else None, fair.note if fair else "")
     decision = promotion.rolled_back_guard(registry, name, device.name, exported.digest, decision)
+    metadata["promotion"] = {"promote": decision.promote, "reason": decision.reason}
+    card = model_card(metadata)  # README.md of the release and the version's description
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = with_metadata(exported.onnx, Path(tmp) / "model.onnx", onnx_properties(metadata))
-        example = next(iter(data.eval_loader("val", cand.input_size, limit=2)))[0].numpy()
+        example = next(iter(data.eval_loader("val", cand.input_size, limit=2)))[0].numpy()  # two real images
         uri = registry.log_model(ctx.run_id, f"winner-{device.name}", onnx_path, exported.weights, metadata, example,
-                                 extra_files=shipped)
+                                 extra_files=shipped, card=card,
+                                 params={"device": device.name, "method": cand.method, "candidate": cand.name,
+                                         "runtime": device.runtime, "precision": winner.precision})
     tags = {"device": device.name, "method": cand.method, "candidate": cand.name, "runtime": device.runtime,
             "precision": winner.precision,
             "config": json.dumps(cand.config, default=str)[:5000], "val_acc": f"{cand.metrics['val_acc']:.6f}",
@@ -275,7 +290,7 @@ def promote_and_publish(ctx: RunContext, ref: DatasetRef, device: DeviceProfile,
             "acts": cand.metrics.get("acts"), "data_hash": ref.data_hash, "git_sha": ctx.git_sha,
             "run_id": ctx.run_id, "digest": exported.digest, "input_size": json.dumps(list(cand.input_size)),
             "promotion": "pending", "promotion_reason": decision.reason, "chosen": chosen[:5000]}
-    version = registry.register(name, uri, ctx.run_id, tags)
+    version = registry.register(name, uri, ctx.run_id, tags, description=card)
     if not decision.promote:
         registry.set_version_tags(name, version.version, {"promotion": "kept-champion"})
         log.info("%s: %s", device.name, decision.reason)
@@ -294,6 +309,7 @@ def promote_winners(ctx: RunContext, ref: DatasetRef, pool: list[MeasuredCandida
     data = load_data(ctx, ref)
     val_images = len(data.dataset("val"))
     log_training_images(ctx, ref, data)
+    record_dataset(ctx, ref, data)  # again if the flow did (same name and digest: nothing added)
     with promotion_lock(ctx.open_store(), ctx.cfg.model_name):  # shared by every promoter of the store
         for device in devices:
             choice = choose_winner(pool, device, val_images)

@@ -1,5 +1,6 @@
-"""Run-level bookkeeping of the retrain flow: the tracked MLflow run, the config digest, the last
-completed run. (The promotion lock lives in the store: :mod:`podium.registry.store_lock`.)"""
+"""Run-level bookkeeping of the retrain flow: the tracked MLflow run (its readable name, git commit,
+dataset input and params), the config digest, the last completed run. (The promotion lock lives in the
+store: :mod:`podium.registry.store_lock`.)"""
 from __future__ import annotations
 
 import hashlib
@@ -8,12 +9,16 @@ import logging
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
+
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_RUN_NOTE
 
 from podium.config import PodiumConfig, load_config
 from podium.devices import load_inventory, select_devices
+from podium.methods.data import DataBundle
 from podium.methods.profiling import DeviceProfile
-from podium.registry.mlflow_registry import ModelRegistry
+from podium.registry.mlflow_registry import DvcDataset, DvcSource, ModelRegistry
 from podium.tasks.common import DatasetRef, RunContext, artifact_root
 
 log = logging.getLogger("podium.tasks.runs")
@@ -40,6 +45,29 @@ def git_sha(project_dir: Path) -> str:
         return "unknown"
 
 
+def run_name(config_path: str, started: datetime, data_hash: str | None = None) -> str:
+    """What ran, on what, when: ``demo data 1a2b3c4d 2026-12-02 04:50Z`` (the data part once it is known)."""
+    data = f" data {data_hash[:8]}" if data_hash else ""
+    return f"{Path(config_path).stem}{data} {started.astimezone(timezone.utc):%Y-%m-%d %H:%M}Z"
+
+
+def record_dataset(ctx: RunContext, ref: DatasetRef, data: DataBundle | None = None) -> None:
+    """The run's dataset as its MLflow input (digest: the DVC md5; profile: images per split when
+    ``data`` is at hand) and in the run's name. Calling it again adds nothing."""
+    cfg = ctx.cfg.data
+    source = DvcSource(path=str(cfg.path), md5=ref.data_hash, git_commit=ctx.git_sha,
+                       remote=cfg.dvc_remote.url if cfg.dvc_remote else None, stage=cfg.stage)
+    profile = None
+    if data is not None:
+        profile = {"images": {split: len(images) for split, images in data.splits.items()},
+                   "classes": len(data.class_names)}
+    registry = ctx.registry
+    registry.log_dataset(ctx.run_id, DvcDataset(source, name=Path(str(cfg.path)).name, profile=profile))
+    info = registry.client.get_run(ctx.run_id)
+    started = datetime.fromtimestamp(info.info.start_time / 1000, timezone.utc)
+    registry.rename_run(ctx.run_id, run_name(info.data.tags.get("config", "retrain"), started, ref.data_hash))
+
+
 class TrackedRun:
     """The MLflow run of one retrain: its context for the tasks, its tags, and how it ended."""
 
@@ -49,6 +77,11 @@ class TrackedRun:
 
     def tag(self, **tags: str) -> None:
         self.registry.set_run_tags(self.ctx.run_id, tags)
+
+    def dataset_versioned(self, ref: DatasetRef) -> None:
+        """Right after the dataset is versioned: its hash as a tag, the dataset as the run's input."""
+        self.tag(data_hash=ref.data_hash)
+        record_dataset(self.ctx, ref)
 
     def unchanged_since(self, ref: DatasetRef) -> str | None:
         """The newest run that finished every step on this data hash and config digest.
@@ -85,10 +118,13 @@ def tracked_run(cfg: PodiumConfig, devices: list[DeviceProfile], config_path: st
     project = Path(project_dir).resolve()
     registry = ModelRegistry(cfg.tracking.uri, artifact_root(project, cfg.tracking.artifact_root))
     registry.check_reachable()
-    digest = config_digest(cfg, devices)
-    run_id = registry.start_run(cfg.tracking.experiment, "retrain", tags={"config": config_path, "config_digest": digest})
-    run = TrackedRun(RunContext(cfg=cfg, project_dir=str(project), run_id=run_id, git_sha=git_sha(project)),
-                     registry, digest)
+    digest, commit = config_digest(cfg, devices), git_sha(project)
+    tags = {"config": config_path, "config_digest": digest,
+            MLFLOW_RUN_NOTE: f"Retrain of {cfg.model_name} with {config_path} for {', '.join(d.name for d in devices)}"}
+    if commit != "unknown":
+        tags[MLFLOW_GIT_COMMIT] = commit
+    run_id = registry.start_run(cfg.tracking.experiment, run_name(config_path, datetime.now(timezone.utc)), tags=tags)
+    run = TrackedRun(RunContext(cfg=cfg, project_dir=str(project), run_id=run_id, git_sha=commit), registry, digest)
     try:
         registry.log_params(run_id, cfg.model_dump(mode="json", exclude={"tracking"}))
         run.ctx.open_store().list(f"{cfg.model_name}/")
