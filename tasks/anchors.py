@@ -148,7 +148,11 @@ def _register(ctx: RunContext, acfg: AnchorConfig, anchor: Anchor, data: DataBun
     version = ctx.registry.register(name, uri, ctx.run_id, {
         "arch": _arch_tag(anchor.arch), "data_hash": data.data_hash, "recipe": _recipe_digest(ctx, acfg, data),
         "source": anchor.source,
-        "val_acc": f"{val_acc:.6f}", "git_sha": ctx.git_sha, "run_id": ctx.run_id})
+        "val_acc": f"{val_acc:.6f}", "git_sha": ctx.git_sha, "run_id": ctx.run_id},
+        description=(f"{role} `{anchor.name}` ({_arch_tag(anchor.arch)}) from {anchor.source}: val_acc {val_acc:.4f} "
+                     f"on {len(data.splits['val'])} validation images of data {data.data_hash}; input "
+                     f"{spec.channels}x{spec.size[0]}x{spec.size[1]}. Reused by later runs with the same data and "
+                     f"recipe instead of training again."))
     ctx.registry.set_alias(name, ALIAS, version.version)
 
 
