@@ -14,6 +14,7 @@ every setting it changes is logged at INFO and returned, for the command to list
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import posixpath
@@ -113,6 +114,33 @@ def dataset_hash(project_dir: Path | str, data_path: Path | str) -> str:
                 return str(out["md5"])
     raise DataError(f"no DVC md5 for {rel} in {project_dir}: run `dvc repro` (a stage output) "
                     f"or `podium data import` / `dvc add {rel}`")
+
+
+def workspace_fingerprint(project_dir: Path | str, data_path: Path | str, stage: str | None = None) -> str:
+    """A digest of what DVC would look at to version ``data_path``: the path, size, mtime and inode of
+    every file of the stage's deps and outs (or of the data and its ``.dvc`` file), and ``dvc.yaml``,
+    ``dvc.lock`` and ``params.yaml``. Equal digests mean DVC would find nothing to do (it decides from
+    the same stat fields in its own state database), so a run can skip its subprocesses."""
+    project_dir = Path(project_dir)
+    rel = _relative(project_dir, data_path)
+    paths = ["dvc.yaml", "dvc.lock", "params.yaml"]
+    if stage:
+        spec = ((_dvc_yaml(project_dir / "dvc.yaml") or {}).get("stages") or {}).get(stage) or {}
+        paths += [str(p) for p in [*spec.get("deps", []), *spec.get("outs", [])] if isinstance(p, str)]
+    else:
+        paths += [rel, f"{rel}.dvc"]
+    digest = hashlib.sha256(f"{stage}|{rel}".encode())
+    for name in sorted(set(paths)):
+        root = project_dir / name
+        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+        for f in files:
+            try:
+                st = f.stat()
+            except OSError:  # absent: that too is part of the state
+                digest.update(f"{f.relative_to(project_dir)}|-\n".encode())
+                continue
+            digest.update(f"{f.relative_to(project_dir)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}\n".encode())
+    return digest.hexdigest()
 
 
 def track(project_dir: Path | str, data_path: Path | str) -> str:

@@ -12,7 +12,8 @@ from prefect.cache_policies import NO_CACHE
 
 from podium import dvc_ops
 from podium.errors import DataError
-from podium.tasks.common import TRANSIENT_RETRIES, DatasetRef, RunContext
+from podium.files import atomic_write_text
+from podium.tasks.common import TRANSIENT_RETRIES, DatasetRef, RunContext, read_cache
 from podium.validation import ValidationReport, validate_dataset_cached
 
 log = logging.getLogger("podium.tasks.data")
@@ -27,11 +28,18 @@ def version_dataset(ctx: RunContext) -> DatasetRef:
     """Reproduce the dataset's DVC stage (a no-op when up to date), return its md5 (nothing pushed)."""
     cfg = ctx.cfg.data
     project = ctx.project_path
-    if cfg.stage:
-        dvc_ops.reproduce(project, cfg.stage)
-    else:  # a dataset tracked with `dvc add` (e.g. `podium data import`): re-hash what is on disk
-        dvc_ops.track(project, cfg.path)
-    data_hash = dvc_ops.dataset_hash(project, cfg.path)
+    state = DvcState(ctx)
+    data_hash = state.unchanged_hash()
+    if data_hash is not None:
+        log.info("dataset %s: same files, sizes and mtimes as the last run, DVC md5 %s (no DVC call)",
+                 cfg.path, data_hash)
+    else:
+        if cfg.stage:
+            dvc_ops.reproduce(project, cfg.stage)
+        else:  # a dataset tracked with `dvc add` (e.g. `podium data import`): re-hash what is on disk
+            dvc_ops.track(project, cfg.path)
+        data_hash = dvc_ops.dataset_hash(project, cfg.path)
+        state.versioned(data_hash)
     log.info("dataset %s at DVC md5 %s; DVC keeps it in git as %s (commit them)", cfg.path, data_hash,
              ", ".join(dvc_ops.repository_files(project, cfg.path, cfg.stage)) or "nothing")
     classes = tuple(cfg.classes) if cfg.classes else None
@@ -80,9 +88,52 @@ def push_dataset(ctx: RunContext, ref: DatasetRef, validated: ValidationReport) 
                                            cfg.dvc_remote.endpoint_url)
     else:
         changes = dvc_ops.ensure_default_remote(ctx.project_path)
+    state, remote = DvcState(ctx), _remote(ctx)
+    if not changes and state.pushed(remote) == ref.data_hash:
+        log.info("dataset %s (DVC md5 %s) already pushed to %s by an earlier run (no DVC call)",
+                 cfg.path, ref.data_hash, remote)
+        return []
     dvc_ops.push(ctx.project_path, PODIUM_REMOTE if cfg.dvc_remote is not None else None)
-    log.info("dataset %s (DVC md5 %s) pushed to %s", cfg.path, ref.data_hash, _remote(ctx))
+    state.record_push(remote, ref.data_hash)
+    log.info("dataset %s (DVC md5 %s) pushed to %s", cfg.path, ref.data_hash, remote)
     return [str(change) for change in changes]
+
+
+class DvcState:
+    """What the last run left DVC looking at (``<cache>/dvc_state.json``): the workspace fingerprint
+    (:func:`podium.dvc_ops.workspace_fingerprint`) with the md5 it versioned to, and the md5 pushed to
+    each remote. A warm run with the same fingerprint reuses the md5 and skips ``dvc repro``/``add``
+    (2-4 s of subprocess each), and ``dvc push`` when that md5 already went to that remote."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx, self.path = ctx, ctx.cache_path / "dvc_state.json"
+        self.entries = read_cache(self.path)
+
+    def _fingerprint(self) -> str:
+        cfg = self.ctx.cfg.data
+        return dvc_ops.workspace_fingerprint(self.ctx.project_path, cfg.path, cfg.stage)
+
+    def unchanged_hash(self) -> str | None:
+        data_hash = self.entries.get("data_hash")
+        fresh = isinstance(data_hash, str) and self.entries.get("fingerprint") == self._fingerprint()
+        return data_hash if fresh else None
+
+    def versioned(self, data_hash: str) -> None:
+        pushed = self.entries.get("pushed") if self.entries.get("data_hash") == data_hash else None
+        self._write({"fingerprint": self._fingerprint(), "data_hash": data_hash,
+                     "pushed": pushed if isinstance(pushed, dict) else {}})
+
+    def pushed(self, remote: str) -> str | None:
+        pushed = self.entries.get("pushed")
+        return pushed.get(remote) if isinstance(pushed, dict) else None
+
+    def record_push(self, remote: str, data_hash: str) -> None:
+        pushed = self.entries.get("pushed") if isinstance(self.entries.get("pushed"), dict) else {}
+        self._write({**self.entries, "pushed": {**pushed, remote: data_hash}})
+
+    def _write(self, entries: dict) -> None:
+        self.entries = entries
+        atomic_write_text(self.path, json.dumps(entries, indent=1))
 
 
 def _remote(ctx: RunContext) -> str:

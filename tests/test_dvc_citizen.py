@@ -120,6 +120,39 @@ def test_a_clone_pulls_what_the_pipeline_pushed(tmp_path: Path, home: Path) -> N
     assert not (project / ".dvc" / "config.local").exists()
 
 
+def test_a_warm_run_calls_dvc_only_when_the_data_changed(tmp_path: Path, home: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same files, sizes and mtimes as the last run: the recorded md5 is reused and the already pushed
+    data is not pushed again (no DVC subprocess at all); one changed image versions and pushes anew."""
+    from podium.tasks.data import push_dataset, version_dataset
+    from podium.validation import ValidationReport
+
+    project = tmp_path / "shelter"
+    project.mkdir()
+    sh(["git", "init", "-q"], project)
+    sh([DVC, "init", "-q"], project)
+    make_photo_folder(project / "data" / "pets", classes=("cat", "dog"), per_class=3, sides=(16, 24),
+                      variants=((".png", "RGB"),))
+    ctx = run_context(project)
+    calls: list[tuple[str, ...]] = []
+    real_dvc = dvc_ops.dvc
+    monkeypatch.setattr(dvc_ops, "dvc", lambda project_dir, *args: calls.append(args) or real_dvc(project_dir, *args))
+
+    def data_step() -> str:
+        ref = version_dataset.fn(ctx)
+        push_dataset.fn(ctx, ref, ValidationReport(root=ref.root, **PASSED))
+        return ref.data_hash
+
+    first = data_step()
+    assert [c[0] for c in calls] == ["add", "remote", "push"]
+    calls.clear()
+    assert data_step() == first and calls == []  # warm: nothing changed, no DVC call
+    image = next((project / "data" / "pets" / "cat").iterdir())
+    image.write_bytes(image.read_bytes() + b"\0")  # one image changed
+    changed = data_step()
+    assert changed != first and [c[0] for c in calls] == ["add", "push"]
+
+
 def test_unpullable_and_overridden_remotes_are_warned_not_edited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     project = tmp_path / "proj"
