@@ -25,6 +25,7 @@ from prefect import flow, get_run_logger
 
 from podium.errors import ProfileRequestError
 from podium.files import sha256_file
+from podium.flows.run_logs import forward_podium_logs
 from podium.methods.profiling import Artifact, DeviceProfile, measure_against_budget
 from podium.registry.release import check_name
 from podium.registry.stores import ArtifactStore, open_store
@@ -80,10 +81,11 @@ def profile(device: dict[str, Any], models: list[dict[str, Any]], store_uri: str
     given, also written to the store as JSON (the caller's machine cannot read this worker's
     local Prefect result storage).
     """
+    forward_podium_logs()  # the per-model lines (podium.* loggers) in this run's logs, on the worker too
     logger = get_run_logger()
     profile_ = DeviceProfile.model_validate(device)
     store = open_store(store_uri, store_endpoint_url)
-    results = measure_models(profile_, models, store, logger)
+    results = measure_models(profile_, models, store)
     if result_key:
         store.put_bytes(result_key, json.dumps(results, sort_keys=True).encode())
     logger.info("profiled %d models for device %s", len(results), profile_.name)

@@ -4,14 +4,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from prefect import flow
+from prefect import flow, tags
 
 from podium.errors import BranchError
+from podium.flows.run_logs import forward_podium_logs
 from podium.flows.runners import build_task_runner, shared_api, torch_threads
 from podium.methods.base import Candidate
 from podium.tasks.anchors import acquire_anchors
 from podium.tasks.common import RunContext
-from podium.tasks.data import push_dataset, validate_data, version_dataset
+from podium.tasks.data import push_dataset, repository_writes, validate_data, version_dataset
 from podium.tasks.profile import profile_candidates
 from podium.tasks.quantize import derive_precisions
 from podium.tasks.release import Outcome, promote_winners
@@ -32,12 +33,17 @@ class RetrainResult:
     written: dict[str, str] | None = None  # where the run wrote: store, tracking, report, cache (see locations)
 
 
+def run_tags(model_name: str) -> tuple[str, ...]:
+    """What the runs of a retrain (flow and tasks) are tagged with in Prefect."""
+    return ("podium", f"model:{model_name}")
+
+
 def locations(ctx: RunContext) -> dict[str, str]:
     """Where a run writes, resolved: the release store, the tracking database and run, the run's
     report (MLflow artifacts) and the cache (validation facts, task results, locks)."""
     report = f"{ctx.registry.client.get_run(ctx.run_id).info.artifact_uri}/report"
     return {"store": ctx.store_uri, "tracking": f"{ctx.tracking_uri} (run {ctx.run_id})", "report": report,
-            "cache": str(ctx.cache_path.resolve())}
+            "cache": str(ctx.cache_path.resolve()), **repository_writes(ctx)}  # dvc: files to commit, remote
 
 
 @flow(name="retrain", log_prints=True)
@@ -46,12 +52,14 @@ def retrain(config_path: str = "configs/demo.yaml", project_dir: str = ".",
     """``skip_if_unchanged`` (scheduled deployments): end right after the dataset is versioned when
     its hash and the config equal the last completed run's. Off by default: interactive runs re-run
     every step (cached trainings make that fast)."""
+    forward_podium_logs()  # podium.* lines in this run's logs, also when a worker started it
     cfg, devices = load_run_config(config_path)
     # Per thread: it limits the work done in this thread (anchors, profiling). Trainings submitted to the
     # thread pool start with OpenMP's default (every core); on 2 cores that beat 1 thread each (demo 143 s
     # vs 214 s for Dask workers pinned to 1 thread; 2 threads per Dask worker: 239-550 s, oversubscribed).
     torch.set_num_threads(torch_threads(cfg.runtime.max_workers))
-    with tracked_run(cfg, devices, config_path, project_dir) as run:
+    # every task run of this flow carries these tags (the UI filters on them)
+    with tags(*run_tags(cfg.model_name)), tracked_run(cfg, devices, config_path, project_dir) as run:
         ctx = run.ctx
         ref = version_dataset(ctx)
         run.tag(data_hash=ref.data_hash)
@@ -78,7 +86,7 @@ def retrain(config_path: str = "configs/demo.yaml", project_dir: str = ".",
 def run_retrain(config_path: str, project_dir: str = ".", skip_if_unchanged: bool = False) -> RetrainResult:
     """Run the flow with the task runner the config asks for."""
     cfg, _devices = load_run_config(config_path)  # fail on a bad config before Prefect starts
-    with shared_api(cfg.runtime):
+    with shared_api(cfg.runtime), tags(*run_tags(cfg.model_name)):
         return retrain.with_options(task_runner=build_task_runner(cfg.runtime))(
             config_path=config_path, project_dir=project_dir, skip_if_unchanged=skip_if_unchanged)
 
@@ -90,7 +98,7 @@ def serve_retrain(name: str, cron: str, config_path: str, project_dir: str = "."
     Paths are made absolute because the runner starts each flow run in a subprocess."""
     from pathlib import Path
 
-    load_run_config(config_path)  # fail on a bad config before Prefect starts
+    cfg, _devices = load_run_config(config_path)  # fail on a bad config before Prefect starts
     parameters = {"config_path": str(Path(config_path).resolve()), "project_dir": str(Path(project_dir).resolve()),
                   "skip_if_unchanged": True}
-    retrain.serve(name=name, cron=cron, parameters=parameters)
+    retrain.serve(name=name, cron=cron, parameters=parameters, tags=list(run_tags(cfg.model_name)))

@@ -22,7 +22,7 @@ import re
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -66,6 +66,9 @@ class TrainingEnv:
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     checkpoints: CheckpointStore | None = None
     every_s: float = 60.0
+    # (fit's name, step, steps) with each progress line of the primary process: the caller's hook (a plain
+    # callable, e.g. a task's progress display); it must not raise
+    on_progress: Callable[[str, int, int], None] | None = None
 
 
 _ENV: ContextVar[TrainingEnv] = ContextVar("podium_training_env", default=TrainingEnv())

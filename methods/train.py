@@ -288,6 +288,8 @@ def fit(
                     eta = (steps - step) * (now - start) / (step - start_step)
                     log.info("%s: epoch %.2f step %d/%d loss %.4f %.0f img/s ETA %.0fs",
                              name, step / per_epoch, step, steps, loss_value, rate, eta)
+                    if env.on_progress is not None:
+                        env.on_progress(name, step, steps)
                     last_log = now
                 if env.checkpoints is not None and step < steps and now - last_save >= env.every_s:
                     _save_checkpoint(env, name, stateful, steps, cfg.accumulate, step, batch, loss.item(), epoch_rng,

@@ -224,9 +224,14 @@ def gather_offers(devices: list[DeviceProfile], offers: dict[str, list[Candidate
     return [(cand, tuple(names)) for cand, names in by_name.values()]
 
 
+def _profile_run_name(parameters: dict) -> str:
+    """``profile-<device>+<device>...``: the devices this task run measures, in the Prefect UI."""
+    return "profile-" + ("+".join(d.name for d in parameters["devices"]) or "no-devices")
+
+
 # cache_policy=NO_CACHE: never reused across runs, and Prefect's default policy would hash every input
 # (cloudpickling every model passed in: about 1 s per call) just to look for a cache entry.
-@task(name="profile-candidates", cache_policy=NO_CACHE)
+@task(name="profile-candidates", task_run_name=_profile_run_name, tags=["profiling"], cache_policy=NO_CACHE)
 def profile_candidates(ctx: RunContext, offers: dict[str, list[Candidate]], devices: list[DeviceProfile],
                        remote_timeout_s: float = 900.0) -> list[MeasuredCandidate]:
     """Export every offered candidate once and measure it on each device it was offered to.

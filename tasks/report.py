@@ -1,6 +1,10 @@
 """The run report: per-device tables and Pareto plots, each method's own tables and plots, and a
 summary of winners across devices. Every plot is drawn here (:mod:`podium.tasks.plots`).
 
+Logged to the run in MLflow, and shown in Prefect as artifacts with stable keys: the winners as a
+table (``<model>-winners``) and each device's candidates, front and MLflow run as markdown
+(``<model>-front-<device>``).
+
 Plots are drawn once per content: a PNG is kept under ``<cache>/plots/<key>.png``, keyed on exactly
 what is drawn (the rows or records, the device, the plotting code and matplotlib's version), so a
 re-run with unchanged results logs the same file without importing matplotlib or drawing again.
@@ -9,21 +13,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from podium.errors import RegistryError
 from podium.files import atomic_copy
 from podium.methods.base import CandidateSpace
+from podium.methods.pareto import pareto_front
 from podium.methods.profiling import DeviceProfile
 from podium.methods.scaling import runtime_correlation
 from podium.tasks import plots
+from podium.tasks.artifacts import artifact_key, in_prefect_run, mlflow_run_link, publish
 from podium.tasks.common import TRANSIENT_RETRIES, RunContext
-from podium.tasks.plots import plot_device, plot_pareto, plot_runtime_correlation
+from podium.tasks.plots import MIN_POINTS_FOR_R, plot_device, plot_pareto, plot_runtime_correlation
 from podium.tasks.profile import MeasuredCandidate
 from podium.tasks.release import Outcome
 
@@ -180,8 +189,9 @@ def _log_runtime_correlation(ctx: RunContext, device: DeviceProfile, pool: list[
     if len(records) < 3:
         return
     corr = runtime_correlation(records)
-    ctx.registry.log_metrics(ctx.run_id, {k: v for k, v in corr.items() if k.startswith("r_")},
-                             prefix=f"scaling.{device.name}.")
+    if corr["n"] >= MIN_POINTS_FOR_R:  # an r over fewer points is not a figure to compare runs on
+        ctx.registry.log_metrics(ctx.run_id, {k: v for k, v in corr.items() if k.startswith("r_")},
+                                 prefix=f"scaling.{device.name}.")
     ctx.registry.log_dict(ctx.run_id, {"correlation": corr, "records": records},
                           f"report/scaling_runtime_{device.name}.json")
     plot = cached_plot(ctx.cache_path, {"device": device.name, "records": records}, (plots,),
@@ -198,13 +208,85 @@ def _log_method_tables(ctx: RunContext, spaces: dict[str, CandidateSpace], folde
             ctx.registry.log_dict(ctx.run_id, rows, f"methods/{method}/{table}.json")
             if rows and all("flops" in r and "val_acc" in r for r in rows):
                 plot = cached_plot(ctx.cache_path, {"table": table, "rows": rows}, (plots,), folder / f"{table}.png",
-                                   lambda p, rows=rows, table=table: plot_pareto(rows, p, title=f"{method}: {table}"))
+                                   lambda p, rows=rows, table=table, method=method: plot_pareto(
+                                       rows, p, title=f"{method}: {table}", method=method))
                 ctx.registry.log_artifact(ctx.run_id, plot, f"methods/{method}")
+
+
+def winners_table(outcomes: list[Outcome], tables: dict[str, list[dict]], devices: list[DeviceProfile]
+                  ) -> list[dict[str, str]]:
+    """One row per device for the Prefect table artifact: the model that won, its method and precision,
+    accuracy, p50 with its 95 % interval, the budget, and why (the choice and the promotion)."""
+    budgets = {d.name: d.latency_budget_ms for d in devices}
+    out = []
+    for o in outcomes:
+        row = next((r for r in tables.get(o.device, []) if r["winner"]), None)
+        promotion = f"alias moved to v{o.version}" if o.alias_moved else "alias kept"
+        out.append({
+            "device": o.device, "model": o.winner or "none", "method": row["method"] if row else "",
+            "precision": row["precision"] if row else "",
+            "accuracy": f"{row['val_acc']:.4f}" if row else "",
+            "p50 ms [95% interval]": f"{row['p50_ms']:.3f} {_interval(row)}" if row and row["p50_ms"] is not None else "",
+            "budget ms": f"{budgets.get(o.device, math.nan):g}",
+            "why": "; ".join(x for x in (o.chosen, f"{promotion}: {o.reason}" if o.winner else o.reason) if x),
+        })
+    return out
+
+
+def device_markdown(device: DeviceProfile, rows: list[dict], outcome: Outcome | None, run_link: str) -> str:
+    """A device's candidates as markdown, fastest first: accuracy, p50 with its interval, memory,
+    whether each is within budget and on the accuracy-latency front; the winner, and the MLflow run."""
+    measured = [r for r in rows if r["p50_ms"] is not None]
+    front = {r["candidate"] for r in pareto_front(measured, cost=lambda r: r["p50_ms"], value=lambda r: r["val_acc"])}
+    settings = (f"{device.runtime}, {device.threads} thread(s), batch {device.batch_size}, budget "
+                f"{device.latency_budget_ms:g} ms and {device.memory_budget_mb:g} MB, {'/'.join(device.precisions)}")
+    lines = [f"# {device.name}: accuracy vs latency", settings, ""]
+    if outcome is not None:
+        lines += [f"**Winner: {outcome.winner or 'none'}** ({outcome.chosen or outcome.reason})", ""]
+    lines += ["| candidate | method | precision | val_acc | p50 ms [95% interval] | peak MB | budget | front | winner |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        measured_row = r["p50_ms"] is not None
+        verdict = ("within" if _within(r) else "straddles" if r["verdict"] == "ambiguous" else "over") \
+            if measured_row else "not measured"
+        lines.append(f"| {r['candidate']} | {r['method']} | {r['precision']} | {r['val_acc']:.4f} | "
+                     + (f"{r['p50_ms']:.3f} {_interval(r)} | {r['peak_mem_mb']:.1f} | " if measured_row else "n/a | n/a | ")
+                     + f"{verdict}{' (noisy)' if r['noisy'] else ''} | {'yes' if r['candidate'] in front else ''} | "
+                     f"{'*' if r['winner'] else ''} |")
+    lines += ["", f"{run_link}: plot `report/{device.name}.png`, rows `report/{device.name}.json`."]
+    return "\n".join(lines)
+
+
+def _run_link(ctx: RunContext) -> str:
+    try:
+        experiment_id = ctx.registry.client.get_run(ctx.run_id).info.experiment_id
+    except (MlflowException, RegistryError, OSError):
+        experiment_id = None
+    return mlflow_run_link(ctx.tracking_uri, experiment_id, ctx.run_id)
+
+
+def publish_artifacts(ctx: RunContext, devices: list[DeviceProfile], tables: dict[str, list[dict]],
+                      outcomes: list[Outcome]) -> None:
+    """The winners table and each device's front as Prefect artifacts (nothing outside a Prefect run)."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    if not in_prefect_run():
+        return
+    model = ctx.cfg.model_name
+    by_device = {o.device: o for o in outcomes}
+    link = _run_link(ctx)
+    publish("winners", lambda: create_table_artifact(
+        winners_table(outcomes, tables, devices), key=artifact_key(model, "winners"),
+        description=f"{model}: the winner of each device ({link})"))
+    for device in devices:
+        markdown = device_markdown(device, tables.get(device.name, []), by_device.get(device.name), link)
+        publish(f"front of {device.name}", lambda markdown=markdown, device=device: create_markdown_artifact(
+            markdown, key=artifact_key(model, "front", device.name), description=f"{model} on {device.name}"))
 
 
 # cache_policy=NO_CACHE: never reused across runs, and Prefect's default policy would hash every input
 # (cloudpickling every model passed in: about 1 s per call) just to look for a cache entry.
-@task(name="run-report", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+@task(name="run-report", task_run_name="report", tags=["report"], cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def write_report(ctx: RunContext, devices: list[DeviceProfile], pool: list[MeasuredCandidate],
                  outcomes: list[Outcome], spaces: dict[str, CandidateSpace] | None = None) -> str:
     """Log per-device tables and plots, the methods' tables and the winners' summary to MLflow;
@@ -227,4 +309,5 @@ def write_report(ctx: RunContext, devices: list[DeviceProfile], pool: list[Measu
         _log_method_tables(ctx, spaces or {}, Path(tmp))
         summary = winners_markdown(outcomes, tables)
         ctx.registry.log_text(ctx.run_id, summary + "\n", "report/winners.md")
+    publish_artifacts(ctx, devices, tables, outcomes)
     return "\n\n".join(texts) + "\n\n" + summary

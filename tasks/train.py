@@ -14,6 +14,7 @@ tasks (``persist_result=False``): a file planted in its result storage is never 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from prefect import task
+from prefect import tags, task
 from prefect.cache_policies import NO_CACHE
 
 from podium.errors import first_line
@@ -36,6 +37,7 @@ from podium.methods.families import FAMILIES
 from podium.methods.profiling import DeviceProfile
 from podium.methods.space_store import RECORD, UnusableRecord, load_offers, load_space, save_offers
 from podium.methods.train import fit_method
+from podium.tasks.artifacts import TrainingProgress
 from podium.tasks.common import (
     TRANSIENT_RETRIES,
     DatasetRef,
@@ -109,27 +111,32 @@ def _flat_numbers(report: dict, prefix: str = "") -> dict[str, float]:
 
 
 # cache_policy=NO_CACHE, persist_result=False: reuse is Podium's own (safetensors + JSON), never a pickle
-@task(name="train-method", task_run_name="train-{method}", cache_policy=NO_CACHE, persist_result=False,
-      **TRANSIENT_RETRIES)
+@task(name="train-method", task_run_name="train-{method}", tags=["training"], cache_policy=NO_CACHE,
+      persist_result=False, **TRANSIENT_RETRIES)
 def train_method(ctx: RunContext, ref: DatasetRef, method: str, anchors: list[Anchor],
                  teacher: Anchor | None, key: str) -> tuple[CandidateSpace, bool]:
     """Fit ``method`` on the data (and the anchors/teacher where it uses them); returns its space and
     whether it was reused from the cache (``<cache_dir>/spaces/<key>/``) instead.
 
     Trainings checkpoint to the run's store under ``key``: a re-run after a crash resumes them, and
-    only an identical training (same key) does."""
+    only an identical training (same key) does. In a Prefect run a progress artifact
+    (``<model>-train-<method>``) follows the training loop's progress lines."""
     folder = ctx.cache_path / "spaces" / key
     cached = _reuse(method, folder, lambda: load_space(folder, load_data(ctx, ref), key))
     if cached is not None:
         log.info("%s: reused the trained space in %s", method, folder)
+        TrainingProgress(ctx.cfg.model_name, method).finish("reused the trained space from the cache")
         return cached, True
     env, checkpoints = training_env_for(ctx, key)
-    if ctx.cfg.runtime.processes > 1:
+    progress = TrainingProgress(ctx.cfg.model_name, method)
+    progress.start()
+    if ctx.cfg.runtime.processes > 1:  # torchrun processes: the bar moves when they are done
         space = fit_distributed(ctx, ref, method, anchors, teacher, key)
     else:
-        with training_env(env):  # every fit inside checkpoints and resumes
+        with training_env(dataclasses.replace(env, on_progress=progress)):  # every fit inside checkpoints, resumes
             space = fit_method(get_method(method).method(ctx.cfg.method_config(method)), load_data(ctx, ref), anchors,
                                teacher)
+    progress.finish(f"trained in {space.training_cost.wall_s:.0f} s" if space.training_cost else "trained")
     if space.training_cost is not None:
         ctx.registry.log_metrics(ctx.run_id, space.training_cost.as_metrics(), prefix=f"{method}.")
         log.info("%s: trained on %d images in %.1f s (%.1f device-s)", method, space.training_cost.images,
@@ -145,7 +152,8 @@ def train_method(ctx: RunContext, ref: DatasetRef, method: str, anchors: list[An
     return space, False
 
 
-@task(name="offer-candidates", task_run_name="offer-{method}", cache_policy=NO_CACHE, persist_result=False)
+@task(name="offer-candidates", task_run_name="offer-{method}", tags=["search"], cache_policy=NO_CACHE,
+      persist_result=False)
 def offer_candidates(ctx: RunContext, method: str, space: CandidateSpace, devices: list[DeviceProfile],
                      key: str) -> dict[str, list[Candidate]]:
     """The candidates ``space`` offers each device (a space may search per device), reused from
@@ -169,7 +177,10 @@ def train_methods(ctx: RunContext, ref: DatasetRef, anchors: list[Anchor], teach
 
     Returns (spaces, training keys, methods reused from the cache, one line per failure)."""
     keys = training_keys(ctx, ref, anchors, teacher)
-    futures = {m: train_method.submit(ctx, ref, m, anchors, teacher, keys[m]) for m in ctx.cfg.methods}
+    futures = {}
+    for m in ctx.cfg.methods:
+        with tags(f"method:{m}"):
+            futures[m] = train_method.submit(ctx, ref, m, anchors, teacher, keys[m])
     spaces, cached, failed = {}, [], []
     for m, future in futures.items():  # every training done before any search
         result = future.result(raise_on_failure=False)
@@ -188,7 +199,8 @@ def collect_offers(ctx: RunContext, spaces: dict[str, CandidateSpace], keys: dic
     (a space may measure latency while searching). Names are unique: the first offer wins."""
     offers: dict[str, list[Candidate]] = {d.name: list(anchor_candidates) for d in devices}
     for method, space in spaces.items():
-        offered = offer_candidates(ctx, method, space, devices, keys[method])
+        with tags(f"method:{method}"):
+            offered = offer_candidates(ctx, method, space, devices, keys[method])
         for device in devices:
             offers[device.name] += offered.get(device.name, [])
     return offers
