@@ -66,9 +66,12 @@ class TrainingEnv:
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     checkpoints: CheckpointStore | None = None
     every_s: float = 60.0
-    # (fit's name, step, steps) with each progress line of the primary process: the caller's hook (a plain
-    # callable, e.g. a task's progress display); it must not raise
-    on_progress: Callable[[str, int, int], None] | None = None
+    # (fit's name, step, steps, {"loss", "images_per_s", "epoch"}) with each progress line of the primary
+    # process: the caller's hook (a plain callable: a progress bar, training curves); it must not raise
+    on_progress: Callable[[str, int, int, dict[str, float]], None] | None = None
+    # (fit's name, epochs done, model) after each whole epoch of the primary process, the model in train
+    # mode: e.g. a validation pass for the curves; it must not raise and must leave the model as it found it
+    on_epoch: Callable[[str, int, Any], None] | None = None
 
 
 _ENV: ContextVar[TrainingEnv] = ContextVar("podium_training_env", default=TrainingEnv())

@@ -289,12 +289,15 @@ def fit(
                     log.info("%s: epoch %.2f step %d/%d loss %.4f %.0f img/s ETA %.0fs",
                              name, step / per_epoch, step, steps, loss_value, rate, eta)
                     if env.on_progress is not None:
-                        env.on_progress(name, step, steps)
+                        env.on_progress(name, step, steps, {"loss": loss_value, "images_per_s": rate,
+                                                            "epoch": step / per_epoch})
                     last_log = now
                 if env.checkpoints is not None and step < steps and now - last_save >= env.every_s:
                     _save_checkpoint(env, name, stateful, steps, cfg.accumulate, step, batch, loss.item(), epoch_rng,
                                      capture_rng(shuffle, rngs))
                     last_save = time.perf_counter()
+                if batch == len(loader) and env.on_epoch is not None and distributed.is_primary():
+                    env.on_epoch(name, round(step / per_epoch), model)  # a whole epoch done (the last one too)
                 if step >= steps:
                     break
             else:

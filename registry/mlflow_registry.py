@@ -133,9 +133,10 @@ class ModelRegistry:
         for start in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[start:start + 100])
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], prefix: str = "") -> None:
+    def log_metrics(self, run_id: str, metrics: dict[str, float], prefix: str = "", step: int = 0) -> None:
+        """``step``: where on a curve the values sit (the UI plots a metric logged at several steps)."""
         now = int(time.time() * 1000)
-        items = [Metric(f"{prefix}{key}", float(value), now, 0) for key, value in metrics.items()]
+        items = [Metric(f"{prefix}{key}", float(value), now, int(step)) for key, value in metrics.items()]
         for start in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[start:start + 1000])
 

@@ -110,7 +110,8 @@ def _acquire_new(ctx: RunContext, acfg: AnchorConfig, data: DataBundle, role: st
     result = None
     if adapt != "none":
         recipe = acfg.recipe(adapt)
-        env, checkpoints = training_env_for(ctx, _training_key(ctx, acfg, data, role))
+        # an anchor is a plain classifier: its curves include each epoch's validation accuracy
+        env, checkpoints = training_env_for(ctx, _training_key(ctx, acfg, data, role), validation=data)
         with training_env(env):
             model.to(pick_device())
             name = f"{role} {acfg.name}"

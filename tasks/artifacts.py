@@ -55,7 +55,7 @@ def mlflow_run_link(tracking_uri: str, experiment_id: str | None, run_id: str) -
 class TrainingProgress:
     """A progress artifact (key ``<model>-train-<method>``) following one method's training.
 
-    Called as ``progress(name, step, steps)`` it is the training loop's ``TrainingEnv.on_progress``
+    Called as ``progress(name, step, steps, metrics)`` it is the training loop's ``TrainingEnv.on_progress``
     hook: each progress line of a ``fit`` moves the bar (a method that trains in phases restarts it
     per phase; the description names the phase). ``finish`` fills it when the method is trained."""
 
@@ -68,7 +68,7 @@ class TrainingProgress:
     def start(self) -> None:
         self._send(0.0, f"{self.method}: starting")
 
-    def __call__(self, name: str, step: int, steps: int) -> None:
+    def __call__(self, name: str, step: int, steps: int, metrics: dict[str, float] | None = None) -> None:
         self._send(100.0 * step / max(steps, 1), f"{self.method}: {name} step {step}/{steps}")
 
     def finish(self, description: str) -> None:

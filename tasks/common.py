@@ -192,9 +192,45 @@ class StoreCheckpoints:
             log.warning("checkpoints under %s not removed: %s", self.prefix, exc)
 
 
-def training_env_for(ctx: RunContext, training_key: str) -> tuple[TrainingEnv, StoreCheckpoints]:
+def training_env_for(ctx: RunContext, training_key: str, validation: DataBundle | None = None
+                     ) -> tuple[TrainingEnv, StoreCheckpoints]:
+    """Checkpoints in the run's store under ``training_key``, and :class:`TrainingCurves` in the run
+    (with ``validation``: also each epoch's validation accuracy, for models that are plain classifiers)."""
     checkpoints = StoreCheckpoints(ctx.open_store(), training_key)
-    return TrainingEnv(ctx.cfg.runtime.device, checkpoints, ctx.cfg.runtime.checkpoint_every_s), checkpoints
+    curves = TrainingCurves(ctx, validation)
+    env = TrainingEnv(ctx.cfg.runtime.device, checkpoints, ctx.cfg.runtime.checkpoint_every_s,
+                      on_progress=curves.progress, on_epoch=curves.epoch if validation is not None else None)
+    return env, checkpoints
+
+
+class TrainingCurves:
+    """Per-step curves of every ``fit`` in the run's MLflow metrics: ``train.<fit name>.loss``,
+    ``.images_per_s`` and ``.epoch`` at each progress line, and ``.val_acc`` after each epoch when a
+    validation split is given. A failure to log warns once and never stops the training."""
+
+    def __init__(self, ctx: RunContext, validation: DataBundle | None = None) -> None:
+        self.ctx, self.validation, self.failed = ctx, validation, False
+
+    @staticmethod
+    def metric_name(fit_name: str) -> str:
+        return "train." + "".join(c if c.isalnum() or c in "_-./" else "-" for c in fit_name)
+
+    def progress(self, name: str, step: int, steps: int, metrics: dict[str, float]) -> None:  # noqa: ARG002
+        self._log({k: v for k, v in metrics.items() if v == v}, name, step)  # a nan loss (resumed at the end): none
+
+    def epoch(self, name: str, epoch: int, model: nn.Module) -> None:
+        from podium.methods.train import evaluate
+
+        self._log({"val_acc": evaluate(model, self.validation.val)}, name, epoch)
+
+    def _log(self, values: dict[str, float], name: str, step: int) -> None:
+        if self.failed or not values:
+            return
+        try:
+            self.ctx.registry.log_metrics(self.ctx.run_id, values, prefix=f"{self.metric_name(name)}.", step=step)
+        except Exception as exc:  # noqa: BLE001 - curves are a view of the training, not part of it
+            self.failed = True
+            log.warning("training curves of run %s stopped: %s", self.ctx.run_id, exc)
 
 
 _TRANSIENT_TEXT = ("failed with exception", "max retries exceeded", "connection refused", "timed out",

@@ -133,7 +133,13 @@ def train_method(ctx: RunContext, ref: DatasetRef, method: str, anchors: list[An
     if ctx.cfg.runtime.processes > 1:  # torchrun processes: the bar moves when they are done
         space = fit_distributed(ctx, ref, method, anchors, teacher, key)
     else:
-        with training_env(dataclasses.replace(env, on_progress=progress)):  # every fit inside checkpoints, resumes
+        curves = env.on_progress
+
+        def both(name: str, step: int, steps: int, metrics: dict[str, float]) -> None:
+            progress(name, step, steps, metrics)
+            curves(name, step, steps, metrics)
+
+        with training_env(dataclasses.replace(env, on_progress=both)):  # every fit inside checkpoints, resumes
             space = fit_method(get_method(method).method(ctx.cfg.method_config(method)), load_data(ctx, ref), anchors,
                                teacher)
     progress.finish(f"trained in {space.training_cost.wall_s:.0f} s" if space.training_cost else "trained")

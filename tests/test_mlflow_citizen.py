@@ -101,6 +101,8 @@ def retrained(server, prefect_harness, services):
     path = one_anchor_config(services, services["root"] / "citizen.yaml", seed=0, store_uri=PREFIX, device=DEVICE)
     raw = yaml.safe_load(path.read_text())
     raw["tracking"] = {**raw["tracking"], "uri": server["url"], "experiment": EXPERIMENT}
+    # two whole epochs and a progress line per step: the run's training curves have points to plot
+    raw["anchors"][0]["train"].update(epochs=2, max_steps=None, log_every_s=1e-6)
     path.write_text(yaml.safe_dump(raw))
     result = run_retrain(str(path), str(REPO))
     client = MlflowClient(tracking_uri=server["url"], registry_uri=server["url"])
@@ -179,6 +181,18 @@ def test_run_is_readable(retrained):
     assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
     assert json.loads(dataset_input.dataset.profile)["images"]["val"] > 0
     assert run.data.params["data.push"] == "false" and json.loads(run.data.params["data.image_size"])
+
+
+def test_training_is_a_curve_per_step_and_per_epoch(retrained):
+    """Loss and images/s at every progress line of the anchor's fit, its validation accuracy after each
+    epoch: histories the MLflow UI plots as curves, not single bars."""
+    client, run_id = retrained["client"], retrained["result"].run_id
+    prefix = "train.anchor-resnet-tiny"
+    loss = client.get_metric_history(run_id, f"{prefix}.loss")
+    assert len(loss) >= 10 and [m.step for m in loss] == sorted({m.step for m in loss}), loss[:3]
+    assert len(client.get_metric_history(run_id, f"{prefix}.images_per_s")) == len(loss)
+    val_acc = client.get_metric_history(run_id, f"{prefix}.val_acc")
+    assert [m.step for m in val_acc] == [1, 2] and all(0.0 <= m.value <= 1.0 for m in val_acc)
 
 
 def test_artifacts_went_through_the_server(retrained, server):

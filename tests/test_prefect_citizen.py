@@ -187,10 +187,14 @@ def test_the_training_loop_reports_progress_to_a_plain_callable() -> None:
     model = nn.Linear(4, 3)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,))),
                                          batch_size=8)
-    seen: list[tuple[str, int, int]] = []
-    with training_env(TrainingEnv(device="cpu", on_progress=lambda *a: seen.append(a))):
+    seen: list[tuple] = []
+    epochs: list[tuple] = []
+    env = TrainingEnv(device="cpu", on_progress=lambda *a: seen.append(a), on_epoch=lambda *a: epochs.append(a))
+    with training_env(env):
         fit(model, loader, cross_entropy_loss(model), TrainConfig(max_steps=6, log_every_s=1e-6), name="lin")
-    assert seen[-1] == ("lin", 6, 6) and len(seen) >= 2 and [s[1] for s in seen] == sorted(s[1] for s in seen)
+    assert seen[-1][:3] == ("lin", 6, 6) and len(seen) >= 2 and [s[1] for s in seen] == sorted(s[1] for s in seen)
+    assert set(seen[-1][3]) == {"loss", "images_per_s", "epoch"} and seen[-1][3]["epoch"] == 1.5  # 4 batches/epoch
+    assert [(name, epoch) for name, epoch, _ in epochs] == [("lin", 1)]  # one whole epoch in 6 steps
     idle = TrainingProgress("m", "lin")
     assert not idle.enabled
     idle("lin", 1, 6)  # no run, no API: nothing happens, nothing raises
