@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from podium.config import AnchorConfig, TeacherConfig
-from podium.errors import AnchorError
+from podium.errors import AnchorError, RegistryError
 from podium.methods import complexity
 from podium.methods.base import Anchor, Candidate
 from podium.methods.checkpoint import training_env
@@ -55,7 +55,12 @@ def _from_registry(ctx: RunContext, acfg: AnchorConfig, data: DataBundle, role: 
                  version.version)
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        files = model_files(ctx.registry.download_version(name, version.version, Path(tmp)))
+        try:
+            files = model_files(ctx.registry.download_version(name, version.version, Path(tmp)))
+        except RegistryError as exc:  # its artifacts are gone (a moved or deleted artifact root): acquire anew
+            log.warning("%s %s: registered v%s cannot be loaded (%s); acquired again and registered as a new "
+                        "version", role, acfg.name, version.version, exc)
+            return None
         model = load_weights(build(acfg.arch, data.num_classes, data.input_spec.channels), files["weights.safetensors"])
     return Anchor(acfg.name, model.eval(), f"registry:models:/{name}@{ALIAS} (v{version.version})", dict(acfg.arch))
 

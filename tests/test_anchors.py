@@ -121,3 +121,28 @@ def test_config_of_adaptation_and_of_a_teacher_that_is_no_anchor():
     assert cfg.teacher.recipe("finetune").epochs == 1 and cfg.teacher.recipe("finetune").lr_batch == 256
     with pytest.raises(ConfigError, match="teacher 'b' is not an anchor"):
         parse_config({"anchors": [{"name": "a", "arch": TINY}], "teacher": "b"})
+
+
+def test_a_registered_anchor_whose_files_are_gone_is_acquired_again(tmp_path, digits, caplog):
+    """An artifact root that moved or was deleted leaves the registry pointing at nothing: the anchor is
+    trained again and registered as a new version (one warning), instead of failing the run."""
+    import logging
+    import shutil
+
+    from podium.tasks.anchors import ALIAS, acquire_one, anchor_registered_name
+
+    cfg = parse_config({"anchors": [{"name": "tiny", "arch": TINY, "train": SHORT}],
+                        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                     "artifact_root": str(tmp_path / "mlartifacts")},
+                        "runtime": {"cache_dir": str(tmp_path / "cache")}})
+    probe = RunContext(cfg=cfg, project_dir=str(tmp_path), run_id="none", git_sha="none")
+    ctx = RunContext(cfg=cfg, project_dir=str(tmp_path), git_sha="none",
+                     run_id=probe.registry.start_run(cfg.tracking.experiment, "anchors"))
+    first = acquire_one(ctx, cfg.anchors[0], digits)
+    name = anchor_registered_name(cfg.model_name, "tiny", "anchor")
+    assert str(ctx.registry.version_by_alias(name, ALIAS).version) == "1" and first.source == "trained"
+    shutil.rmtree(tmp_path / "mlartifacts")  # the version's files are gone
+    with caplog.at_level(logging.WARNING, logger="podium.tasks.anchors"):
+        again = acquire_one(ctx, cfg.anchors[0], digits)
+    assert again.source == "trained" and str(ctx.registry.version_by_alias(name, ALIAS).version) == "2"
+    assert any("registered v1 cannot be loaded" in r.getMessage() for r in caplog.records)
