@@ -235,13 +235,14 @@ def test_isolated_measurement_is_pinned_and_ranks_models_by_cost(onnx_pair):
     last = str(sorted(os.sched_getaffinity(0))[-1])
     assert all(s.cores == last and s.rounds >= 5 and s.p50_low_ms <= s.p50_ms <= s.p50_high_ms and s.peak_mem_mb > 0
                for s in stats.values())
-    # no speed given: reported at this process's own reference speed, so close to what it timed
-    assert all(s.reference_ms > 0 and s.p50_ms == pytest.approx(s.raw_p50_ms, rel=0.25) for s in stats.values())
+    # no speed given: reported at this process's own reference speed, so close to what it timed (loose: the
+    # median of per-round ratios is not the ratio of medians on a loaded machine; a lost factor is 4x off)
+    assert all(s.reference_ms > 0 and s.p50_ms == pytest.approx(s.raw_p50_ms, rel=0.5) for s in stats.values())
     # at a given speed (four times this process's), the same model is reported four times as slow
     at_speed = device.model_copy(update={"reference_ms": 4 * stats["small"].reference_p50_ms})
     (scaled,) = measure_isolated([Artifact("small", small, (1, 32, 32))], at_speed, memory=False).values()
     assert scaled.p50_ms == pytest.approx(4 * scaled.raw_p50_ms * stats["small"].reference_p50_ms
-                                          / scaled.reference_p50_ms, rel=0.25), scaled
+                                          / scaled.reference_p50_ms, rel=0.5), scaled
 
 
 def test_a_busy_core_is_detected_and_the_measurement_marked_noisy(onnx_pair):
