@@ -87,13 +87,13 @@ def measure_row(runtime: str, artifact: Path, shape: tuple[int, int, int], threa
     """``runs`` fresh-process measurements of ``artifact``: p50s, interval half-widths, noisy flags. Each
     p50 is at the device's reference speed from ``speeds`` (a ``tasks.profile.SpeedBook``), as the
     pipeline reports it; the first measurement of a device sets that speed."""
-    from podium.methods.profiling import Artifact, DeviceProfile, measure_isolated
+    from podium.methods.profiling import Artifact, DeviceProfile, measure_isolated, shape_text
 
     row: dict[str, Any] = {"p50": [], "raw": [], "low": [], "high": [], "half": [], "noisy": [], "rounds": [],
                            "wall": [], "cores": ""}
     for _ in range(runs):
         profile = speeds.with_speed(DeviceProfile(name="bench", runtime=runtime, threads=threads, batch_size=1,
-                                                  latency_budget_ms=1000), "x".join(map(str, shape)))
+                                                  latency_budget_ms=1000), shape_text(shape))
         start = time.perf_counter()
         stats = measure_isolated([Artifact("model", artifact, shape)], profile, memory=False)["model"]
         row["wall"].append(time.perf_counter() - start)

@@ -287,18 +287,14 @@ def normalise_to_reference(track: _Track, reference: _Track, speed_ms: float | N
 
     The host's speed moves from minute to minute on a shared machine (other tenants, frequency, cache
     contention) and moves every model alike, so the ratio to a fixed network timed in the same rounds
-    repeats across processes far better than the time does (bench/profiler.py). ``window`` is how many
-    rounds' reference medians speak for a round (their median; 1: its own, which follows drift within
-    the process best; 0: all of them, one factor for the process, for rounds too long for the
-    reference's block in them to speak for every model: a lookup table's 150). A round counts as
-    disturbed when either was."""
+    repeats across processes far better than the time does (bench/profiler.py). ``window`` 1: each round
+    by the reference's median in that round, which follows drift within the process best; 0: one factor
+    for the process (the median of them all), for rounds too long for the reference's block in them to
+    speak for every model (a lookup table's 150). A round counts as disturbed when either was."""
     ref_medians = [statistics.median(r) for r in reference.samples]
     scale = speed_ms if speed_ms is not None else statistics.median(ref_medians)
     if window == 0:
         ref_medians = [statistics.median(ref_medians)] * len(ref_medians)
-    elif window > 1:
-        half = window // 2
-        ref_medians = [statistics.median(ref_medians[max(0, i - half): i + half + 1]) for i in range(len(ref_medians))]
     return _Track(track.run, [[s * scale / m for s in block] for block, m in zip(track.samples, ref_medians)],
                   [d or r for d, r in zip(track.disturbed, reference.disturbed)], track.seconds)
 
