@@ -8,7 +8,7 @@ from prefect import flow, tags
 
 from podium.errors import BranchError
 from podium.flows.run_logs import forward_podium_logs
-from podium.flows.runners import build_task_runner, shared_api, torch_threads
+from podium.flows.runners import build_task_runner, shared_api
 from podium.methods.base import Candidate
 from podium.tasks.anchors import acquire_anchors
 from podium.tasks.common import RunContext
@@ -54,10 +54,9 @@ def retrain(config_path: str = "configs/demo.yaml", project_dir: str = ".",
     every step (cached trainings make that fast)."""
     forward_podium_logs()  # podium.* lines in this run's logs, also when a worker started it
     cfg, devices = load_run_config(config_path)
-    # Per thread: it limits the work done in this thread (anchors, profiling). Trainings submitted to the
-    # thread pool start with OpenMP's default (every core); on 2 cores that beat 1 thread each (demo 143 s
-    # vs 214 s for Dask workers pinned to 1 thread; 2 threads per Dask worker: 239-550 s, oversubscribed).
-    torch.set_num_threads(torch_threads(cfg.runtime.max_workers))
+    # Per thread: the flow body's own work (evaluations, ONNX export). Each training sets its thread's
+    # budget itself (tasks.common.training_env_for): a pool thread does not inherit this one's.
+    torch.set_num_threads(cfg.runtime.training_threads)
     # every task run of this flow carries these tags (the UI filters on them)
     with tags(*run_tags(cfg.model_name)), tracked_run(cfg, devices, config_path, project_dir) as run:
         ctx = run.ctx

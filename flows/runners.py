@@ -1,7 +1,6 @@
 """The task runner a retrain uses, from the config's ``runtime`` section: threads or a Dask cluster."""
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,11 +9,6 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from podium.config import ConfigError, RuntimeConfig
-
-
-def torch_threads(max_workers: int) -> int:
-    """Intra-op threads for each of ``max_workers`` concurrent trainings: the cores shared out evenly."""
-    return max(1, (os.cpu_count() or 1) // max_workers)
 
 
 def check_scheduler(address: str, timeout_s: float = 5.0) -> None:
@@ -40,7 +34,7 @@ def build_task_runner(runtime: RuntimeConfig) -> TaskRunner:
     if runtime.dask_address:
         check_scheduler(runtime.dask_address)
         return DaskTaskRunner(address=runtime.dask_address)
-    threads = str(torch_threads(runtime.max_workers))
+    threads = str(runtime.training_threads)
     return DaskTaskRunner(cluster_kwargs={
         "n_workers": runtime.max_workers, "threads_per_worker": 1, "processes": True,
         "dashboard_address": None, "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}})

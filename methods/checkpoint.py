@@ -72,6 +72,10 @@ class TrainingEnv:
     # (fit's name, epochs done, model) after each whole epoch of the primary process, the model in train
     # mode: e.g. a validation pass for the curves; it must not raise and must leave the model as it found it
     on_epoch: Callable[[str, int, Any], None] | None = None
+    # intra-op threads of every fit in this env (None: leave the thread's setting). torch's OpenMP pool and
+    # MKL take their thread count per calling thread: a thread-pool worker does not inherit the main
+    # thread's torch.set_num_threads and runs MKL on every core, oversubscribing its neighbours
+    threads: int | None = None
 
 
 _ENV: ContextVar[TrainingEnv] = ContextVar("podium_training_env", default=TrainingEnv())
@@ -83,11 +87,17 @@ def current_env() -> TrainingEnv:
 
 @contextlib.contextmanager
 def training_env(env: TrainingEnv) -> Iterator[TrainingEnv]:
-    """Every ``fit`` (and ``pick_device()``) in this block, in this thread, uses ``env``."""
+    """Every ``fit`` (and ``pick_device()``) in this block, in this thread, uses ``env``; with
+    ``env.threads`` this thread's intra-op thread budget is that, and is restored on leaving."""
     token = _ENV.set(env)
+    previous = torch.get_num_threads()
+    if env.threads is not None:
+        torch.set_num_threads(env.threads)
     try:
         yield env
     finally:
+        if env.threads is not None:
+            torch.set_num_threads(previous)
         _ENV.reset(token)
 
 

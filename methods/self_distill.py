@@ -58,7 +58,7 @@ from podium.methods.families import build
 from podium.methods.losses import soft_target_ce
 from podium.methods.profiling import DeviceProfile, measure
 from podium.methods.recipes import RecipeConfig
-from podium.methods.train import TrainConfig, cross_entropy_loss, evaluate, fit, model_device, pick_device
+from podium.methods.train import TrainConfig, cross_entropy_loss, evaluate, fit, model_device, pick_device, seeded
 
 log = logging.getLogger("podium.self_distill")
 
@@ -620,7 +620,6 @@ class SelfDistill(Method):
         self.cfg = cfg or SelfDistillConfig()
 
     def _backbone(self, data: DataBundle, anchors: Sequence[Anchor]) -> nn.Module:
-        torch.manual_seed(self.cfg.train.seed)  # the baseline starts from the very same weights
         backbone = build(self.cfg.backbone, data.num_classes, data.input_spec.channels)
         if self.cfg.init_from_anchor is not None:
             _init_from_anchor(backbone, anchors, self.cfg.init_from_anchor, self.cfg.backbone)
@@ -633,12 +632,14 @@ class SelfDistill(Method):
         """
         device = pick_device(self.cfg.device)
         # the branches and hint adaptation layers exist before fit builds the optimiser: all are trained
-        model = MultiExitNet(self._backbone(data, anchors), data.num_classes).to(device)
+        with seeded(self.cfg.train.seed):  # the baseline below starts from the very same backbone weights
+            model = MultiExitNet(self._backbone(data, anchors), data.num_classes).to(device)
         result = fit(model, data.train, self_distill_loss_fn(model, self.cfg), self.cfg.train, name="self-distill")
         log.info("self-distillation: %d steps in %.1fs", result.steps, result.wall_s)
         baseline = None
         if self.cfg.train_baseline:
-            baseline = self._backbone(data, anchors).to(device)
+            with seeded(self.cfg.train.seed):
+                baseline = self._backbone(data, anchors).to(device)
             fit(baseline, data.train, cross_entropy_loss(baseline), self.cfg.train, name="self-distill-baseline")
             baseline = baseline.cpu().eval()
         return SelfDistillSpace(model.cpu().eval(), self.cfg, data, baseline)

@@ -12,6 +12,7 @@ import contextvars
 import logging
 import math
 import random
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -36,6 +37,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("podium.train")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+_SEEDED = threading.Lock()
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Draw a model's initial weights from torch's global generator seeded with ``seed``, holding a
+    process-wide lock: trainings run side by side in threads, and without it two builds interleave their
+    draws from the one global generator, so the same seed gave different weights run to run."""
+    with _SEEDED:
+        torch.manual_seed(seed)
+        yield
 
 
 class TrainConfig(StrictModel):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import posixpath
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -190,6 +191,12 @@ class RuntimeConfig(StrictModel):
     checkpoint_every_s: float = Field(60.0, gt=0)  # trainings save a resumable checkpoint this often
     processes: int = Field(1, ge=1, le=1024)  # >1: each method trains data-parallel on this many torchrun processes
     cache_dir: ProjectPath = ".podium"
+
+    @property
+    def training_threads(self) -> int:
+        """Intra-op threads of each of ``max_workers`` concurrent trainings: the cores shared out evenly
+        (so trainings side by side never oversubscribe the CPU)."""
+        return max(1, (os.cpu_count() or 1) // self.max_workers)
 
 
 class PodiumConfig(StrictModel):

@@ -194,12 +194,14 @@ class StoreCheckpoints:
 
 def training_env_for(ctx: RunContext, training_key: str, validation: DataBundle | None = None
                      ) -> tuple[TrainingEnv, StoreCheckpoints]:
-    """Checkpoints in the run's store under ``training_key``, and :class:`TrainingCurves` in the run
-    (with ``validation``: also each epoch's validation accuracy, for models that are plain classifiers)."""
+    """Checkpoints in the run's store under ``training_key``, :class:`TrainingCurves` in the run (with
+    ``validation``: also each epoch's validation accuracy, for models that are plain classifiers), and the
+    training's thread budget: the cores shared out among ``runtime.max_workers`` concurrent trainings."""
     checkpoints = StoreCheckpoints(ctx.open_store(), training_key)
     curves = TrainingCurves(ctx, validation)
     env = TrainingEnv(ctx.cfg.runtime.device, checkpoints, ctx.cfg.runtime.checkpoint_every_s,
-                      on_progress=curves.progress, on_epoch=curves.epoch if validation is not None else None)
+                      on_progress=curves.progress, on_epoch=curves.epoch if validation is not None else None,
+                      threads=ctx.cfg.runtime.training_threads)
     return env, checkpoints
 
 

@@ -7,7 +7,7 @@ from typing import Iterator
 import pytest
 
 from podium.config import ConfigError, RuntimeConfig
-from podium.flows.runners import build_task_runner, torch_threads
+from podium.flows.runners import build_task_runner
 from tests.flow_helpers import METHODS, REPO, write_config
 
 pytestmark = pytest.mark.integration
@@ -59,7 +59,7 @@ def test_local_cluster_shares_the_cores_out_among_its_worker_processes(monkeypat
     with build_task_runner(RuntimeConfig(task_runner="dask", max_workers=2)) as runner:
         answers = runner.client.run(probe)
     assert len({pid for pid, _ in answers.values()} - {os.getpid()}) == 2
-    assert {threads for _, threads in answers.values()} == {torch_threads(2)} == {2}
+    assert {threads for _, threads in answers.values()} == {RuntimeConfig(max_workers=2).training_threads} == {2}
 
 
 def test_threads_stay_the_default_and_an_unreachable_scheduler_is_one_line() -> None:

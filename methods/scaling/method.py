@@ -19,7 +19,7 @@ from podium.methods.families import build
 from podium.methods.losses import kd_kl
 from podium.methods.scaling.config import ScalingConfig
 from podium.methods.scaling.plan import ScaledModel, describe_scales, plan_scales
-from podium.methods.train import evaluate, fit, pick_device, resize
+from podium.methods.train import evaluate, fit, pick_device, resize, seeded
 
 log = logging.getLogger("podium.scaling")
 
@@ -112,8 +112,8 @@ class Scaling(Method):
 
     def _train_one(self, plan: ScaledModel, data: DataBundle, teacher: nn.Module | None,
                    device: torch.device) -> _Trained:
-        torch.manual_seed(self.cfg.train.seed)
-        model = build(plan.arch, num_classes=data.num_classes, in_chans=data.input_spec.channels).to(device)
+        with seeded(self.cfg.train.seed):
+            model = build(plan.arch, num_classes=data.num_classes, in_chans=data.input_spec.channels).to(device)
         size = (plan.resolution, plan.resolution)
         loader = data.train_loader(size)
         train = self.cfg.train_config(steps_per_epoch=math.ceil(len(loader) / self.cfg.train.accumulate))

@@ -25,7 +25,7 @@ from podium.methods.shrinking.predictor import AccuracyPredictor, encode_arch, t
 from podium.methods.shrinking.search import SearchResult, evolutionary_search
 from podium.methods.shrinking.space import Arch, OpenSpace, _as_arch
 from podium.methods.shrinking.supernet import OFASubnet, OFASupernet, extract_subnet
-from podium.methods.train import TrainConfig, evaluate, fit, pick_device, recalibrate_bn, total_steps
+from podium.methods.train import TrainConfig, evaluate, fit, pick_device, recalibrate_bn, seeded, total_steps
 
 log = logging.getLogger("podium.shrinking")
 
@@ -104,9 +104,9 @@ class Shrinking(Method):
         """
         cfg = self.cfg
         data = hold_out_for_predictor(data, cfg.predictor.holdout_images)
-        torch.manual_seed(cfg.seed)
         device = pick_device()
-        supernet = OFASupernet(cfg, data.input_spec.channels, data.num_classes).to(device)
+        with seeded(cfg.seed):
+            supernet = OFASupernet(cfg, data.input_spec.channels, data.num_classes).to(device)
         rng = random.Random(cfg.seed)
         space = OpenSpace.largest(cfg)
         kd_teacher: nn.Module | None = None
