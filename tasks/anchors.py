@@ -13,7 +13,6 @@ import logging
 import tempfile
 from pathlib import Path
 
-import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
@@ -27,7 +26,7 @@ from podium.methods.data import DataBundle
 from podium.methods.export import export_onnx, load_weights, save_weights
 from podium.methods.families import build
 from podium.methods.pretrained import load_pretrained, train_head
-from podium.methods.train import TrainResult, cross_entropy_loss, evaluate, fit, pick_device
+from podium.methods.train import TrainResult, cross_entropy_loss, evaluate, fit, pick_device, seeded
 from podium.registry.mlflow_registry import model_files
 from podium.registry.stores import open_store
 from podium.tasks.common import TRANSIENT_RETRIES, DatasetRef, RunContext, load_data, training_env_for
@@ -83,9 +82,10 @@ def _pretrained(ctx: RunContext, acfg: AnchorConfig, data: DataBundle) -> tuple[
     """The pretrained model adapted as ``acfg.adapt`` says (resolved when unset), and that adaptation."""
     with tempfile.TemporaryDirectory() as tmp:
         file = _checkpoint_file(ctx, acfg, Path(tmp)) if acfg.checkpoint else None
-        torch.manual_seed(acfg.recipe("head").seed)  # a fresh classifier's init is the config's, not the process's
         try:
-            loaded = load_pretrained(acfg.arch, data.num_classes, data.input_spec.channels, file=file, hub=acfg.timm_hub)
+            with seeded(acfg.recipe("head").seed):  # a fresh classifier's init is the config's, not the process's
+                loaded = load_pretrained(acfg.arch, data.num_classes, data.input_spec.channels, file=file,
+                                         hub=acfg.timm_hub)
         except ValueError as exc:
             raise AnchorError(f"anchor {acfg.name!r}: {exc}") from None
     adapt = acfg.adapt or ("none" if loaded.head_loaded else "head")
@@ -100,8 +100,8 @@ def initial_model(acfg: AnchorConfig, data: DataBundle) -> nn.Module:
     """The anchor before training, initialised from its own seed: the weights never depend on what
     else this process drew from torch's global generator before (they did: two demo runs trained
     different anchors, and every stitch built on them differed too)."""
-    torch.manual_seed(acfg.recipe("scratch").seed)
-    return build(acfg.arch, data.num_classes, data.input_spec.channels)
+    with seeded(acfg.recipe("scratch").seed):
+        return build(acfg.arch, data.num_classes, data.input_spec.channels)
 
 
 def _acquire_new(ctx: RunContext, acfg: AnchorConfig, data: DataBundle, role: str
@@ -187,16 +187,26 @@ def anchor_candidate(anchor: Anchor, data: DataBundle) -> Candidate:
 
 
 # never persisted (models are not data): PREFECT_RESULTS_PERSIST_BY_DEFAULT must not make this a pickle on disk
-@task(name="acquire-anchors", cache_policy=NO_CACHE, persist_result=False, **TRANSIENT_RETRIES)
+@task(name="acquire-anchor", task_run_name="acquire-{role}-{acfg.name}", cache_policy=NO_CACHE, persist_result=False,
+      **TRANSIENT_RETRIES)
+def acquire_anchor(ctx: RunContext, ref: DatasetRef, acfg: AnchorConfig, role: str = "anchor") -> Anchor:
+    """One anchor (or the teacher) resolved: :func:`acquire_one` on the run's data."""
+    return acquire_one(ctx, acfg, load_data(ctx, ref), role)
+
+
 def acquire_anchors(ctx: RunContext, ref: DatasetRef) -> tuple[list[Anchor], Anchor, list[Candidate]]:
-    """Resolve every configured anchor; returns (anchors small→large, teacher, anchors as candidates)."""
+    """Resolve every configured anchor, and a teacher that is none of them, side by side (``.submit``:
+    each training gets its share of the cores); returns (anchors small→large, teacher, anchors as candidates)."""
+    futures = [acquire_anchor.submit(ctx, ref, acfg) for acfg in ctx.cfg.anchors]
+    own_teacher = isinstance(ctx.cfg.teacher, TeacherConfig)
+    teacher_future = acquire_anchor.submit(ctx, ref, ctx.cfg.teacher, role="teacher") if own_teacher else None
+    anchors = [future.result() for future in futures]
     data = load_data(ctx, ref)
-    anchors = [acquire_one(ctx, acfg, data) for acfg in ctx.cfg.anchors]
     candidates = [anchor_candidate(a, data) for a in anchors]
     order = sorted(range(len(anchors)), key=lambda i: candidates[i].metrics["flops"])
     anchors, candidates = [anchors[i] for i in order], [candidates[i] for i in order]
-    if isinstance(ctx.cfg.teacher, TeacherConfig):
-        teacher = acquire_one(ctx, ctx.cfg.teacher, data, role="teacher")
+    if teacher_future is not None:
+        teacher = teacher_future.result()
     else:
         teacher = next((a for a in anchors if a.name == ctx.cfg.teacher), anchors[-1])
     for cand in candidates:

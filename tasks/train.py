@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -28,6 +29,7 @@ from prefect import tags, task
 from prefect.cache_policies import NO_CACHE
 
 from podium.errors import first_line
+from podium.files import atomic_write_text, load_json
 from podium.methods import base as methods_base
 from podium.methods import train as methods_train
 from podium.methods.base import Anchor, Candidate, CandidateSpace
@@ -72,6 +74,44 @@ def offer_key(key: str, devices: list[DeviceProfile]) -> str:
     """What a space offers depends on its training and on every device it searched for."""
     described = json.dumps([d.model_dump(mode="json") for d in devices], sort_keys=True)
     return f"{key}-" + hashlib.sha256(described.encode()).hexdigest()[:16]
+
+
+class TrainingTimes:
+    """How long each method's last training took in this cache (``<cache_dir>/training_times.json``), so
+    that the next run submits trainings longest first: with fewer workers than methods, the long ones start
+    together and the short ones fill in behind them (a short one taking a worker first holds a long one
+    back by its whole length). A method never timed here goes first, in config order: nothing says it is short."""
+
+    _lock = threading.Lock()  # trainings finish in pool threads
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.path = cache_dir / "training_times.json"
+
+    def _entries(self) -> dict[str, dict]:
+        try:
+            times = load_json(self.path)
+        except (OSError, ValueError):  # none yet, or unreadable: no history, config order
+            return {}
+        if not isinstance(times, dict):
+            return {}
+        return {m: t for m, t in times.items() if isinstance(t, dict) and isinstance(t.get("wall_s"), (int, float))}
+
+    def load(self) -> dict[str, float]:
+        """Each timed method's last training, in seconds."""
+        return {m: float(t["wall_s"]) for m, t in self._entries().items()}
+
+    def record(self, method: str, wall_s: float, key: str) -> None:
+        with self._lock:
+            times = self._entries()
+            times[method] = {"wall_s": round(wall_s, 3), "training_key": key}
+            try:
+                atomic_write_text(self.path, json.dumps(times, indent=1, sort_keys=True))
+            except OSError as exc:
+                log.warning("training times not kept in %s: %s", self.path, exc)
+
+    def longest_first(self, methods: list[str]) -> list[str]:
+        known = self.load()
+        return sorted(methods, key=lambda m: (m in known, -known.get(m, 0.0)))  # stable: config order among ties
 
 
 T = TypeVar("T")
@@ -144,6 +184,7 @@ def train_method(ctx: RunContext, ref: DatasetRef, method: str, anchors: list[An
                                teacher)
     progress.finish(f"trained in {space.training_cost.wall_s:.0f} s" if space.training_cost else "trained")
     if space.training_cost is not None:
+        TrainingTimes(ctx.cache_path).record(method, space.training_cost.wall_s, key)
         ctx.registry.log_metrics(ctx.run_id, space.training_cost.as_metrics(), prefix=f"{method}.")
         log.info("%s: trained on %d images in %.1f s (%.1f device-s)", method, space.training_cost.images,
                  space.training_cost.wall_s, space.training_cost.device_s)
@@ -179,16 +220,22 @@ def offer_candidates(ctx: RunContext, method: str, space: CandidateSpace, device
 
 def train_methods(ctx: RunContext, ref: DatasetRef, anchors: list[Anchor], teacher: Anchor | None
                   ) -> tuple[dict[str, CandidateSpace], dict[str, str], list[str], list[str]]:
-    """Every configured method trained concurrently (``.submit``); a failed one drops out.
+    """Every configured method trained concurrently (``.submit``), longest first (:class:`TrainingTimes`);
+    a failed one drops out.
 
-    Returns (spaces, training keys, methods reused from the cache, one line per failure)."""
+    Returns (spaces in config order, training keys, methods reused from the cache, one line per failure)."""
     keys = training_keys(ctx, ref, anchors, teacher)
+    times = TrainingTimes(ctx.cache_path)
+    order, last = times.longest_first(list(ctx.cfg.methods)), times.load()
+    log.info("trainings submitted longest first (last times in %s): %s", times.path,
+             ", ".join(f"{m} ({last[m]:.0f} s)" if m in last else f"{m} (never timed)" for m in order))
     futures = {}
-    for m in ctx.cfg.methods:
+    for m in order:
         with tags(f"method:{m}"):
             futures[m] = train_method.submit(ctx, ref, m, anchors, teacher, keys[m])
     spaces, cached, failed = {}, [], []
-    for m, future in futures.items():  # every training done before any search
+    for m in ctx.cfg.methods:  # every training done before any search
+        future = futures[m]
         result = future.result(raise_on_failure=False)
         if isinstance(result, BaseException):
             failed.append(f"method {m}: {first_line(result)}")
