@@ -59,7 +59,7 @@ def services(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         yield {"root": root, "endpoint": s3_endpoint}
 
 
-# few short rounds; never "noisy" (noisy measurements are not cached, and reruns must find them cached)
+# few short rounds; never "noisy" (a rerun must find the same figures cached)
 FAST_MEASUREMENT = {"warmup": 1, "round_repeats": 2, "min_rounds": 3, "max_rounds": 5, "stable_tolerance": 0.5,
                     "max_disturbed": 1.0}
 

@@ -81,7 +81,7 @@ def test_candidate_identity_is_the_model_not_its_provenance(tmp_path, monkeypatc
     ctx = RunContext(cfg=cfg, project_dir=str(tmp_path), run_id="r", git_sha="g")
     device = DeviceProfile(name="t", runtime="onnxruntime", threads=1, latency_budget_ms=100, warmup=0,
                            round_repeats=1, min_rounds=3, max_rounds=3, stable_tolerance=0.5,
-                           max_disturbed=1.0)  # never "noisy" (noisy ones are not cached)
+                           max_disturbed=1.0)  # never "noisy"
     for cand in (trained, loaded):
         (member,) = profile_task.profile_candidates.fn(ctx, {"t": [cand]}, [device])
         assert member.stats["t"].runs == 3
@@ -293,11 +293,18 @@ def test_only_candidates_straddling_the_budget_are_measured_again(monkeypatch):
     assert [got[n].budget_verdict(1.0) for n in ("clear", "over")] == ["within", "over"]
 
 
-def test_a_noisy_measurement_is_not_kept_for_the_next_run(tmp_path):
+def test_a_noisy_measurement_is_kept_flagged_and_never_replaces_a_clean_one(tmp_path):
+    """A warm run measures nothing again: a noisy figure is reused as noisy (never as a clean number)."""
     from podium.tasks.profile import LatencyCache
 
     cache = LatencyCache(tmp_path / "latency.json")
     clean = LatencyStats(1.0, 1.1, 1.0, 0.1, 50, 5.0, "onnxruntime", 1, 1, p50_low_ms=0.98, p50_high_ms=1.02)
+    noisy = dataclasses.replace(clean, p50_ms=1.4, noisy=True, interference="40/40 rounds disturbed")
     cache.put("clean", clean)
-    cache.put("noisy", dataclasses.replace(clean, noisy=True, interference="40/40 rounds disturbed"))
-    assert LatencyCache(tmp_path / "latency.json").entries.keys() == {"clean"}
+    cache.put("noisy", noisy)
+    cache.put("clean", noisy)
+    again = LatencyCache(tmp_path / "latency.json")
+    assert again.get("noisy").noisy and again.get("noisy").interference == "40/40 rounds disturbed"
+    assert (again.get("clean").p50_ms, again.get("clean").noisy) == (1.0, False)
+    again.put("noisy", clean)  # a clean figure replaces a noisy one
+    assert not LatencyCache(tmp_path / "latency.json").get("noisy").noisy

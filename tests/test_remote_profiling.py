@@ -25,7 +25,7 @@ from tests.prefect_server import REPO, create_pool, tail
 pytestmark = pytest.mark.integration
 
 FAST = dict(warmup=1, round_repeats=2, min_rounds=3, max_rounds=3, max_seconds=1.0, latency_budget_ms=100.0,
-            stable_tolerance=0.5, max_disturbed=1.0)  # never "noisy": noisy measurements are not cached
+            stable_tolerance=0.5, max_disturbed=1.0)  # never "noisy"
 
 
 @pytest.fixture(scope="module")
