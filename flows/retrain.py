@@ -10,6 +10,7 @@ from podium.errors import BranchError
 from podium.flows.run_logs import forward_podium_logs
 from podium.flows.runners import build_task_runner, shared_api
 from podium.methods.base import Candidate
+from podium.methods.host import tune_allocator
 from podium.tasks.anchors import acquire_anchors
 from podium.tasks.common import RunContext
 from podium.tasks.data import push_dataset, repository_writes, validate_data, version_dataset
@@ -53,6 +54,7 @@ def retrain(config_path: str = "configs/demo.yaml", project_dir: str = ".",
     its hash and the config equal the last completed run's. Off by default: interactive runs re-run
     every step (cached trainings make that fast)."""
     forward_podium_logs()  # podium.* lines in this run's logs, also when a worker started it
+    tune_allocator()  # training steps stop page-faulting their buffers in again (bench/training_steps.py)
     cfg, devices = load_run_config(config_path)
     # Per thread: the flow body's own work (evaluations, ONNX export). Each training sets its thread's
     # budget itself (tasks.common.training_env_for): a pool thread does not inherit this one's.

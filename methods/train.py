@@ -66,7 +66,9 @@ class TrainConfig(StrictModel):
     log_every_s: float = Field(10.0, gt=0)  # a progress line at most this often
     # auto: bf16 on CUDA where supported, else fp16 with a grad scaler; fp32 elsewhere. bf16 works on CPU too.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool | Literal["auto"] = "auto"  # auto: on CUDA for models with 2-D convolutions
+    # auto: on for convolutional networks (more than one 2-D convolution: a ViT's patch embedding alone is
+    # not one), on CPU too: 1.10-1.86x faster steps for every family measured (bench/training_steps.py)
+    channels_last: bool | Literal["auto"] = "auto"
     ema_decay: float | None = Field(None, ge=0.0, lt=1.0)  # a weight EMA (timm ModelEmaV3): the model ends with it
     accumulate: int = Field(1, ge=1)  # batches per optimizer step (the loss of each scaled by 1/accumulate)
 
@@ -197,9 +199,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def uses_channels_last(setting: bool | str, model: nn.Module, device: torch.device) -> bool:
+def uses_channels_last(setting: bool | str, model: nn.Module) -> bool:
     if setting == "auto":
-        return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+        return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
     return bool(setting)
 
 
@@ -223,14 +225,15 @@ def fit(
     A step is an optimizer step over ``cfg.accumulate`` batches (fewer at the end of an epoch);
     ``loss_fn`` sees the step, under autocast when ``cfg.precision`` asks for it. With
     ``cfg.ema_decay`` the EMA weights are copied into ``model`` at the end: callers get the EMA model.
-    With channels-last, ``model`` stays in that memory format.
+    With channels-last, ``model`` trains in that memory format and ends back in the contiguous one (what
+    export, safetensors and inference expect).
     """
     env = current_env()
     device = model_device(model)
     amp_dtype = autocast_dtype(cfg.precision, device)
     autocast = partial(torch.autocast, device.type, amp_dtype) if amp_dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    channels_last = uses_channels_last(cfg.channels_last, model, device)
+    channels_last = uses_channels_last(cfg.channels_last, model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     sharded = getattr(loader, "sharded", False)
@@ -317,6 +320,8 @@ def fit(
                 batch, epoch_rng = 0, None
     if ema:  # also after a re-run that found the finished checkpoint
         model.load_state_dict(ema.module.state_dict())
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
     if env.checkpoints is not None and step > start_step:  # done: a re-run skips straight to the end
         _save_checkpoint(env, name, stateful, steps, cfg.accumulate, step, batch, loss_value, epoch_rng,
                          capture_rng(shuffle, rngs))
