@@ -109,8 +109,9 @@ class TrainingTimes:
             except OSError as exc:
                 log.warning("training times not kept in %s: %s", self.path, exc)
 
-    def longest_first(self, methods: list[str]) -> list[str]:
-        known = self.load()
+    def longest_first(self, methods: list[str], known: dict[str, float] | None = None) -> list[str]:
+        """``methods`` ordered by their last times (``known``: those already read with :meth:`load`)."""
+        known = self.load() if known is None else known
         return sorted(methods, key=lambda m: (m in known, -known.get(m, 0.0)))  # stable: config order among ties
 
 
@@ -226,7 +227,8 @@ def train_methods(ctx: RunContext, ref: DatasetRef, anchors: list[Anchor], teach
     Returns (spaces in config order, training keys, methods reused from the cache, one line per failure)."""
     keys = training_keys(ctx, ref, anchors, teacher)
     times = TrainingTimes(ctx.cache_path)
-    order, last = times.longest_first(list(ctx.cfg.methods)), times.load()
+    last = times.load()
+    order = times.longest_first(list(ctx.cfg.methods), last)
     log.info("trainings submitted longest first (last times in %s): %s", times.path,
              ", ".join(f"{m} ({last[m]:.0f} s)" if m in last else f"{m} (never timed)" for m in order))
     futures = {}
