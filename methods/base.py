@@ -85,7 +85,8 @@ class CandidateSpace(ABC):
     """What ``Method.fit`` returns. ``candidates(device)`` yields a finite set for that device.
 
     ``device`` is a :class:`podium.methods.profiling.DeviceProfile` or None (all candidates). Spaces
-    too large to enumerate search per device and yield the top few. ``report`` (numbers and small
+    too large to enumerate search per device, yield the top few and set ``searches_per_device`` (the
+    others are asked once, their candidates offered to every device). ``report`` (numbers and small
     JSON) and ``tables`` (rows the run report logs and plots) are optional. ``training_cost`` is set by
     :func:`podium.methods.train.fit_method` (a :class:`~podium.methods.train.TrainingCost`).
 
@@ -95,6 +96,7 @@ class CandidateSpace(ABC):
     """
 
     training_cost: Any = None
+    searches_per_device = False  # True: candidates(device) depends on the device (and may measure on it)
 
     @abstractmethod
     def candidates(self, device: Any = None) -> Iterable[Candidate]: ...

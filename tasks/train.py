@@ -210,7 +210,11 @@ def offer_candidates(ctx: RunContext, method: str, space: CandidateSpace, device
     cached = _reuse(f"{method} offers", folder, lambda: load_offers(folder, space, folder.name))
     if cached is not None:
         return cached
-    per_device = {device.name: list(space.candidates(device)) for device in devices}
+    if space.searches_per_device:  # one search per device, measuring there (one device at a time)
+        per_device = {device.name: list(space.candidates(device)) for device in devices}
+    else:  # the same candidates for every device: built and evaluated once
+        cands = list(space.candidates())
+        per_device = {device.name: list(cands) for device in devices}
     if space.training_cost is not None:  # what it cost to get them, next to each candidate's figures
         for cand in (c for cands in per_device.values() for c in cands):
             cand.metrics.update(space.training_cost.as_metrics())

@@ -100,6 +100,7 @@ def test_a_saved_space_and_its_offers_load_back_the_same(method, digits, tmp_pat
     offers = load_offers(tmp_path / "offers", loaded, key="o1")
     _assert_same_candidates(expected, offers["dev-a"])
     _assert_same_candidates(expected[:1], offers["dev-b"])
+    assert offers["dev-b"][0].model is offers["dev-a"][0].model  # offered to both: rebuilt once, shared
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +224,27 @@ def test_planted_results_never_run_and_the_run_recomputes(prefect_harness, servi
 
     third = run_retrain(str(config), str(REPO))
     assert third.cached_methods == ["scaling"] and not marker.exists()
+
+
+def test_a_space_is_asked_for_its_candidates_once_unless_it_searches_per_device(digits, tmp_path):
+    """Stitched, scaled and self-distilled spaces offer every device the same candidates: they are built
+    (and evaluated) once, not once per device; a space that searches per device is asked per device."""
+    from podium.config import AnchorConfig, PodiumConfig, RuntimeConfig, StoreConfig
+    from podium.methods.profiling import DeviceProfile
+    from podium.tasks.common import RunContext
+    from podium.tasks.train import offer_candidates
+
+    space = _stitching(digits)
+    asked: list[str | None] = []
+    real = space.candidates
+    space.candidates = lambda device=None: asked.append(getattr(device, "name", None)) or real(device)
+    arch = {"family": "resnet", "layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128]}
+    cfg = PodiumConfig(anchors=[AnchorConfig(name="a", arch=arch)], store=StoreConfig(uri=str(tmp_path / "store")),
+                       runtime=RuntimeConfig(cache_dir=str(tmp_path / "cache")))
+    ctx = RunContext(cfg=cfg, project_dir=str(tmp_path), run_id="r", git_sha="g")
+    devices = [DeviceProfile(name=n, latency_budget_ms=10) for n in ("d1", "d2", "d3")]
+    offers = offer_candidates.fn(ctx, "stitching", space, devices, "k-once")
+    assert asked == [None] and [c.name for c in offers["d3"]] == [c.name for c in offers["d1"]]
+    space.searches_per_device = True
+    offer_candidates.fn(ctx, "stitching", space, devices, "k-each")
+    assert asked == [None, "d1", "d2", "d3"]

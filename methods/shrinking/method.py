@@ -145,6 +145,8 @@ class ShrinkSpace(CandidateSpace):
     ``val_acc`` on ``val``.
     """
 
+    searches_per_device = True
+
     def __init__(self, cfg: ShrinkingConfig, supernet: OFASupernet, data: DataBundle) -> None:
         self.cfg, self.supernet, self.data = cfg, supernet, data
         self.space = OpenSpace.full(cfg)
