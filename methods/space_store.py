@@ -77,11 +77,18 @@ def save_offers(offers: dict[str, list[Candidate]], folder: Path | str, key: str
 
 
 def load_offers(folder: Path | str, space: CandidateSpace, key: str = "") -> dict[str, list[Candidate]]:
-    """The offers saved in ``folder`` under ``key``, every module rebuilt by ``space``."""
+    """The offers saved in ``folder`` under ``key``, every stored module rebuilt by ``space`` once (the
+    candidates offered to several devices share it, as they did when offered)."""
     body, weights = _read(Path(folder), "offers", key)
+    built: dict[str, nn.Module] = {}
+
+    def model(row: dict[str, Any]) -> nn.Module:
+        if row["module"] not in built:
+            built[row["module"]] = weights(row["module"], space.candidate_module(row["name"], row["config"]))
+        return built[row["module"]]
+
     try:
-        return {device: [Candidate(name=row["name"], method=row["method"], config=row["config"],
-                                   model=weights(row["module"], space.candidate_module(row["name"], row["config"])),
+        return {device: [Candidate(name=row["name"], method=row["method"], config=row["config"], model=model(row),
                                    input_size=tuple(row["input_size"]), metrics=row["metrics"],
                                    in_chans=row["in_chans"]) for row in rows]
                 for device, rows in body["devices"].items()}
