@@ -5,8 +5,11 @@ nothing is created, and an API that refuses costs one warning line.
 """
 from __future__ import annotations
 
+import contextvars
 import logging
+import queue
 import re
+import threading
 from collections.abc import Callable
 from typing import Any
 from uuid import UUID
@@ -57,13 +60,22 @@ class TrainingProgress:
 
     Called as ``progress(name, step, steps, metrics)`` it is the training loop's ``TrainingEnv.on_progress``
     hook: each progress line of a ``fit`` moves the bar (a method that trains in phases restarts it
-    per phase; the description names the phase). ``finish`` fills it when the method is trained."""
+    per phase; the description names the phase). ``finish`` fills it when the method is trained.
+
+    The training never waits for the API: updates are queued, in order, to a sender thread of their own.
+    An ephemeral Prefect server's SQLite has held its lock for ~55 s (``database is locked``) while two
+    trainings stood still in their progress calls; now the bar lags and the trainings go on. ``finish``
+    waits up to ``FINISH_WAIT_S`` for the queue to be sent, so a run's bar is full when its task ends."""
+
+    FINISH_WAIT_S = 10.0
 
     def __init__(self, model_name: str, method: str) -> None:
         self.method = method
         self.key = artifact_key(model_name, "train", method)
         self.artifact_id: UUID | None = None
         self.enabled = in_prefect_run()
+        self._queue: queue.Queue[tuple[float, str] | None] = queue.Queue()
+        self._sender: threading.Thread | None = None
 
     def start(self) -> None:
         self._send(0.0, f"{self.method}: starting")
@@ -73,10 +85,32 @@ class TrainingProgress:
 
     def finish(self, description: str) -> None:
         self._send(100.0, f"{self.method}: {description}")
+        sender = self._sender
+        self.close()
+        if sender is not None:
+            sender.join(self.FINISH_WAIT_S)
+
+    def close(self) -> None:
+        """End the sender after what is queued (``finish`` does; a failed training's ``finally`` too)."""
+        if self._sender is not None:
+            self._queue.put(None)
+            self._sender = None
 
     def _send(self, percent: float, description: str) -> None:
         if not self.enabled:
             return
+        if self._sender is None:  # started in this task's context: the artifact attaches to its run
+            self._sender = threading.Thread(target=contextvars.copy_context().run, args=(self._drain,),
+                                            name=f"progress-{self.key}", daemon=True)
+            self._sender.start()
+        self._queue.put((percent, description))
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self.enabled:
+                self._post(*item)
+
+    def _post(self, percent: float, description: str) -> None:
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
         try:

@@ -171,18 +171,22 @@ def train_method(ctx: RunContext, ref: DatasetRef, method: str, anchors: list[An
     env, checkpoints = training_env_for(ctx, key)
     progress = TrainingProgress(ctx.cfg.model_name, method)
     progress.start()
-    if ctx.cfg.runtime.processes > 1:  # torchrun processes: the bar moves when they are done
-        space = fit_distributed(ctx, ref, method, anchors, teacher, key)
-    else:
-        curves = env.on_progress
+    try:
+        if ctx.cfg.runtime.processes > 1:  # torchrun processes: the bar moves when they are done
+            space = fit_distributed(ctx, ref, method, anchors, teacher, key)
+        else:
+            curves = env.on_progress
 
-        def both(name: str, step: int, steps: int, metrics: dict[str, float]) -> None:
-            progress(name, step, steps, metrics)
-            curves(name, step, steps, metrics)
+            def both(name: str, step: int, steps: int, metrics: dict[str, float]) -> None:
+                progress(name, step, steps, metrics)
+                curves(name, step, steps, metrics)
 
-        with training_env(dataclasses.replace(env, on_progress=both)):  # every fit inside checkpoints, resumes
-            space = fit_method(get_method(method).method(ctx.cfg.method_config(method)), load_data(ctx, ref), anchors,
-                               teacher)
+            with training_env(dataclasses.replace(env, on_progress=both)):  # every fit inside checkpoints, resumes
+                space = fit_method(get_method(method).method(ctx.cfg.method_config(method)), load_data(ctx, ref),
+                                   anchors, teacher)
+    except BaseException:
+        progress.close()  # its sender thread ends after what is queued
+        raise
     progress.finish(f"trained in {space.training_cost.wall_s:.0f} s" if space.training_cost else "trained")
     if space.training_cost is not None:
         TrainingTimes(ctx.cache_path).record(method, space.training_cost.wall_s, key)

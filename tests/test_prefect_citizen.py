@@ -200,6 +200,39 @@ def test_the_training_loop_reports_progress_to_a_plain_callable() -> None:
     idle("lin", 1, 6)  # no run, no API: nothing happens, nothing raises
 
 
+def test_a_stalled_api_never_holds_the_training_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The progress bar's API calls leave from a thread of their own: while the API does not answer (an
+    ephemeral server's SQLite held its lock ~55 s once), the training's progress calls return at once;
+    every update is sent afterwards, in order, and ``finish`` waits for them."""
+    import threading
+    import time
+    import uuid
+
+    import prefect.artifacts
+
+    answer, sent = threading.Event(), []
+
+    def create(progress, key, description=None):
+        answer.wait(10)  # the API is stalled until the test lets it answer
+        sent.append((progress, description))
+        return uuid.uuid4()
+
+    monkeypatch.setattr(prefect.artifacts, "create_progress_artifact", create)
+    monkeypatch.setattr(prefect.artifacts, "update_progress_artifact",
+                        lambda artifact_id, progress, description=None: sent.append((progress, description)))
+    bar = TrainingProgress("m", "lin")
+    bar.enabled = True  # as inside a task run
+    start = time.monotonic()
+    bar.start()
+    for step in range(1, 4):
+        bar("fit", step, 3)
+    assert time.monotonic() - start < 1.0 and sent == []  # nothing answered yet, the training went on
+    answer.set()
+    bar.finish("trained")
+    assert sent == [(0.0, "lin: starting"), (100 / 3, "lin: fit step 1/3"), (200 / 3, "lin: fit step 2/3"),
+                    (100.0, "lin: fit step 3/3"), (100.0, "lin: trained")]
+
+
 def test_a_device_without_a_winner_says_why_in_the_winners_table_and_its_front() -> None:
     from podium.tasks.release import Outcome
     from podium.tasks.report import device_markdown, device_rows, winners_table
