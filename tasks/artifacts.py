@@ -64,7 +64,8 @@ class TrainingProgress:
 
     The training never waits for the API: updates are queued, in order, to a sender thread of their own.
     An ephemeral Prefect server's SQLite has held its lock for ~55 s (``database is locked``) while two
-    trainings stood still in their progress calls; now the bar lags and the trainings go on. ``finish``
+    trainings, whose only synchronous Prefect calls these are, logged nothing; a stalled API now delays
+    the bar, not the training. ``finish``
     waits up to ``FINISH_WAIT_S`` for the queue to be sent, so a run's bar is full when its task ends."""
 
     FINISH_WAIT_S = 10.0
