@@ -327,7 +327,7 @@ def time_make_demo(workdir: Path, times: int = 2) -> list[dict]:
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = after.ru_utime + after.ru_stime - reaped.ru_utime - reaped.ru_stime
         sampler.stop(final_cpu_s=cpu)
-        run = {"wall": wall, "cpu": cpu, "rc": proc.returncode, "load": load_average(), "log": log}
+        run = {"wall": wall, "cpu": cpu, "rc": proc.returncode, "load": load_average()}
         (workdir / f"make-demo-{len(out)}.log").write_text(log)  # kept with --keep: per-device timings
         if proc.returncode != 0:
             print(log[-3000:], file=sys.stderr)
