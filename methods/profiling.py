@@ -521,6 +521,7 @@ def _isolated_main(request_path: str) -> None:
     profile = DeviceProfile.model_validate(request["device"])
     rt = get_runtime(profile.runtime)
     rt.import_library()
+    rt.share_threads(profile.threads)
     if rt.runs_module:
         import torch
 

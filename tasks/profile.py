@@ -127,9 +127,10 @@ def export_candidate(ctx: RunContext, candidate: Candidate) -> ExportedModel:
     return ExportedModel(digest, onnx_path, weights_path, candidate.input_shape)
 
 
-MEASUREMENT_VERSION = 6  # bump when what a measurement means changes (2: peak memory really measured,
+MEASUREMENT_VERSION = 7  # bump when what a measurement means changes (2: peak memory really measured,
 #                          3-4: isolated, pinned, interleaved rounds with an interval, steal detected,
-#                          5: ONNX Runtime's pool threads do not spin, 6: normalised to the reference network)
+#                          5: ONNX Runtime's pool threads do not spin, 6: normalised to the reference network,
+#                          7: ONNX Runtime measured on one spinning pool per process, as deployed)
 
 
 def _measurement_key(digest: str, device: DeviceProfile) -> str:

@@ -74,6 +74,11 @@ class Runtime(ABC):
     def import_library(self) -> None:
         """Import the runtime's library (the memory probe's baseline is taken after this)."""
 
+    def share_threads(self, threads: int) -> None:
+        """Run every session this process opens later on one shared pool of ``threads`` threads, as one
+        deployed model would run on its own (the isolated measuring process holds hundreds of sessions).
+        Runtimes whose threads are already per process need nothing here."""
+
     def artifact_files(self, artifact: Path) -> list[Path]:
         """Every file the artifact consists of (what a release or a remote device must receive)."""
         return [Path(artifact)]

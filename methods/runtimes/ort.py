@@ -22,18 +22,20 @@ from podium.methods.runtimes import Runtime, Session, Source, register_runtime
 
 
 class OrtSession(Session):
-    def __init__(self, path: Path, threads: int, providers: list[Any]) -> None:
+    def __init__(self, path: Path, threads: int, providers: list[Any], shared_pool: bool = False) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Pool threads that spin after a run steal the cores from the next session timed in the same
-        # process: 160 OFA lookup-table sessions on 2 threads took 199 s instead of 71 s and came out 1.7x
-        # slower than the same networks timed alone. Without spinning a figure does not depend on how
-        # many sessions share the process (and is at worst a wake-up slower than a spinning deployment).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if shared_pool:  # the process's one pool (OnnxRuntime.share_threads): spinning, as deployed
+            options.use_per_session_threads = False
+        else:
+            # Each session owns a pool; spinning pools steal the cores from the next session run in the
+            # same process (160 OFA lookup-table sessions on 2 threads took 199 s instead of 71 s), so a
+            # process holding many sessions without a shared pool does not spin.
+            options.intra_op_num_threads = threads
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
 
@@ -102,6 +104,22 @@ class OnnxRuntime(Runtime):
     def import_library(self) -> None:
         import onnxruntime  # noqa: F401
 
+    _shared_threads: ClassVar[int | None] = None
+
+    def share_threads(self, threads: int) -> None:
+        """ONNX Runtime's global thread pool, spinning like the default pool of a deployed session:
+        measured on 2 threads, a session without spinning ran 1.8-2.3x slower than the same graph in a
+        default session alone in its process (a pool thread's wake-up per operator), and a global pool
+        ran like the lone session. Must run before the process's first session. One thread keeps a
+        session's own pool (no thread to wake): on one pinned core a global pool of one made 140 OFA
+        lookup-table entries noisy (median interval ±9-20 % against ±0.8 %)."""
+        if threads < 2:
+            return
+        from onnxruntime.capi import _pybind_state
+
+        _pybind_state.set_global_thread_pool_sizes(threads, 1)
+        OnnxRuntime._shared_threads = threads
+
     def providers(self) -> list[Any]:
         return [self.provider]
 
@@ -121,7 +139,7 @@ class OnnxRuntime(Runtime):
     def open(self, source: Source, threads: int) -> Session:
         if not isinstance(source, (str, Path)):
             raise TypeError(f"{self.name} runs an exported .onnx file; export the module first")
-        return OrtSession(Path(source), threads, self.providers())
+        return OrtSession(Path(source), threads, self.providers(), shared_pool=threads == self._shared_threads)
 
 
 @register_runtime
@@ -148,4 +166,5 @@ class OnnxRuntimeTensorRT(OnnxRuntime):
         cache.mkdir(exist_ok=True)
         options = {"trt_fp16_enable": graph_precision(Path(source)) == "fp16", "trt_engine_cache_enable": True,
                    "trt_engine_cache_path": str(cache)}
-        return OrtSession(Path(source), threads, [(self.provider, options), "CUDAExecutionProvider"])
+        return OrtSession(Path(source), threads, [(self.provider, options), "CUDAExecutionProvider"],
+                          shared_pool=threads == self._shared_threads)
