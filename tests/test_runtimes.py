@@ -191,8 +191,8 @@ print(threads() - before, float(np.abs(sessions[0].predict(batch) - sessions[-1]
 def test_a_measuring_process_runs_its_onnxruntime_sessions_on_one_pool(shared, new_threads, fp32_artifacts):
     """The isolated measuring process holds hundreds of sessions: on 2 threads they share one spinning
     pool (each session's own non-spinning pool measured 1.8-2.3x slower than a deployed session), so
-    opening sessions starts no threads; on 1 thread each session keeps its own (a global pool of one
-    was noisy), and six 2-thread sessions then start a pool thread each."""
+    opening sessions starts no threads; with a pool of 1 there is nothing to share, each session keeps
+    its own, and six 2-thread sessions then start a pool thread each."""
     script = ORT_SESSIONS_IN_ONE_PROCESS.format(shared=shared, path=str(fp32_artifacts("onnxruntime")), shape=SHAPE)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

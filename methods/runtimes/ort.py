@@ -110,9 +110,8 @@ class OnnxRuntime(Runtime):
         """ONNX Runtime's global thread pool, spinning like the default pool of a deployed session:
         measured on 2 threads, a session without spinning ran 1.8-2.3x slower than the same graph in a
         default session alone in its process (a pool thread's wake-up per operator), and a global pool
-        ran like the lone session. Must run before the process's first session. One thread keeps a
-        session's own pool (no thread to wake): on one pinned core a global pool of one made 140 OFA
-        lookup-table entries noisy (median interval ±9-20 % against ±0.8 %)."""
+        ran like the lone session. Must run before the process's first session. One thread needs no
+        pool (nothing to wake or to share): each session keeps its own, as before."""
         if threads < 2:
             return
         from onnxruntime.capi import _pybind_state
