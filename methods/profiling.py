@@ -192,6 +192,7 @@ class _Track:
     samples: list[list[float]]  # per round
     disturbed: list[str]  # per round: "" (clean), "waiting" or "steal"
     seconds: float = 0.0
+    nearby_reference: list[float] = field(default_factory=list)  # per round: the reference block timed just before
 
     def used_rounds(self, min_rounds: int) -> list[list[float]]:
         """Undisturbed rounds when there are enough of them, else every round."""
@@ -225,44 +226,59 @@ def _warm_up(run: Callable[[], object], profile: DeviceProfile, max_blocks: int 
 
 
 def time_in_rounds(runs: dict[str, Callable[[], object]], profile: DeviceProfile, reference: str | None = None,
-                   reference_window: int = 1) -> dict[str, dict[str, Any]]:
+                   reference_every: int = 0) -> dict[str, dict[str, Any]]:
     """Time every ``runs[name]()`` in interleaved rounds; per name its samples (ms) and noise record.
 
-    With ``reference`` (one of the names), every other run's samples are normalised to it round by round
-    (:func:`normalise_to_reference`, over ``reference_window`` rounds) before any statistic or stopping
-    decision; the reference's own
-    entry stays raw. Stops when every candidate has ``min_rounds`` undisturbed rounds whose median
+    With ``reference`` (one of the names), the reference's block opens every round, and again before
+    every ``reference_every`` other runs when that is > 0 (a lookup table's round of 150 models lasts
+    seconds, and the host's speed moves faster than that); every other block is normalised to the
+    reference block timed just before it (:func:`normalise_to_reference`) before any statistic or
+    stopping decision. The reference's own entry stays raw, from the block that opens each round.
+    Stops when every candidate has ``min_rounds`` undisturbed rounds whose median
     interval is within ``stable_tolerance``, or at ``max_rounds``, or when the timed runs have taken
     ``max_seconds`` per candidate in all (a lookup table of 140 layers at 0.5 s each: 70 s at most)."""
     tracks = {name: _Track(run, [], []) for name, run in runs.items()}
     for track in tracks.values():
         _warm_up(track.run, profile)
-    names = list(tracks)
+    names = [n for n in tracks if n != reference]
     loads = []
 
     def judged() -> dict[str, _Track]:
         if reference is None:
             return tracks
         ref = tracks[reference]
-        return {name: (t if name == reference else normalise_to_reference(t, ref, profile.reference_ms,
-                                                                          reference_window))
+        return {name: (t if name == reference else normalise_to_reference(t, ref, profile.reference_ms))
                 for name, t in tracks.items()}
 
+    def timed_block(track: _Track) -> tuple[list[float], str]:
+        watch, began = _Disturbance(), time.perf_counter_ns()
+        block = []
+        for _ in range(profile.round_repeats):
+            start = time.perf_counter()
+            track.run()
+            block.append((time.perf_counter() - start) * 1e3)
+        wall = time.perf_counter_ns() - began
+        track.seconds += wall / 1e9
+        return block, watch.since(wall)
+
+    every = reference_every if reference_every > 0 else len(names)
     for round_index in range(profile.max_rounds):
         loads.append(os.getloadavg()[0])
         shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+        order = names[shift:] + names[:shift]
+        if reference is not None:
+            order = [n for i in range(0, len(order), every) for n in [reference, *order[i:i + every]]]
+        nearby = math.nan
+        for name in order:
             track = tracks[name]
-            watch, began = _Disturbance(), time.perf_counter_ns()
-            block = []
-            for _ in range(profile.round_repeats):
-                start = time.perf_counter()
-                track.run()
-                block.append((time.perf_counter() - start) * 1e3)
-            wall = time.perf_counter_ns() - began
+            block, disturbed = timed_block(track)
+            if name == reference:
+                nearby = statistics.median(block)
+                if len(track.samples) > round_index:
+                    continue  # a repeat within the round: only the scale of the blocks after it
             track.samples.append(block)
-            track.disturbed.append(watch.since(wall))
-            track.seconds += wall / 1e9
+            track.disturbed.append(disturbed)
+            track.nearby_reference.append(nearby)
         done = round_index + 1 >= profile.min_rounds and all(t.settled(profile) for t in judged().values())
         if done or sum(t.seconds for t in tracks.values()) > profile.max_seconds * len(tracks):
             break  # settled, or the time of max_seconds per candidate is spent
@@ -281,22 +297,19 @@ def time_in_rounds(runs: dict[str, Callable[[], object]], profile: DeviceProfile
     return summaries
 
 
-def normalise_to_reference(track: _Track, reference: _Track, speed_ms: float | None, window: int = 1) -> _Track:
-    """``track`` as if every round had run at the reference speed: each sample times ``speed_ms`` over the
-    reference's median around that round (``speed_ms`` None: the reference's median over all rounds).
+def normalise_to_reference(track: _Track, reference: _Track, speed_ms: float | None) -> _Track:
+    """``track`` as if every block had run at the reference speed: each sample times ``speed_ms`` over the
+    median of the reference block timed just before it (``speed_ms`` None: the reference's median over
+    its rounds).
 
-    The host's speed moves from minute to minute on a shared machine (other tenants, frequency, cache
-    contention) and moves every model alike, so the ratio to a fixed network timed in the same rounds
-    repeats across processes far better than the time does (bench/profiler.py). ``window`` 1: each round
-    by the reference's median in that round, which follows drift within the process best; 0: one factor
-    for the process (the median of them all), for rounds too long for the reference's block in them to
-    speak for every model (a lookup table's 150). A round counts as disturbed when either was."""
-    ref_medians = [statistics.median(r) for r in reference.samples]
-    scale = speed_ms if speed_ms is not None else statistics.median(ref_medians)
-    if window == 0:
-        ref_medians = [statistics.median(ref_medians)] * len(ref_medians)
-    return _Track(track.run, [[s * scale / m for s in block] for block, m in zip(track.samples, ref_medians)],
-                  [d or r for d, r in zip(track.disturbed, reference.disturbed)], track.seconds)
+    The host's speed moves from second to second on a shared machine (other tenants, frequency, cache
+    contention) and moves every model alike, so the ratio to a fixed network timed next to it repeats
+    across processes far better than the time does (bench/profiler.py); in a lookup table's long rounds,
+    a reference timed every 10 models narrowed the networks' intervals 2-3x against one factor for the
+    whole process. A round counts as disturbed when either was."""
+    scale = speed_ms if speed_ms is not None else statistics.median(statistics.median(r) for r in reference.samples)
+    return _Track(track.run, [[s * scale / m for s in block] for block, m in zip(track.samples, track.nearby_reference)],
+                  [d or r for d, r in zip(track.disturbed, reference.disturbed)], track.seconds, track.nearby_reference)
 
 
 def _summary(track: _Track, profile: DeviceProfile, loads: list[float]) -> dict[str, Any]:
@@ -437,12 +450,12 @@ def pinned_cores(profile: DeviceProfile) -> list[int]:
 
 
 def measure_isolated(artifacts: list[Artifact], profile: DeviceProfile, memory: bool = True,
-                     timeout_s: float = 1800.0, reference_window: int = 1,
+                     timeout_s: float = 1800.0, reference_every: int = 0,
                      reference_input: tuple[int, int, int] | None = None) -> dict[str, LatencyStats]:
     """Every artifact timed in one fresh process pinned to :func:`pinned_cores`, interleaved in rounds
     with the :func:`reference_network`, and normalised to it (the stats' p50s are at the reference
     speed ``profile.reference_ms``, or at this process's own when that is None; ``raw_p50_ms`` is
-    what this process timed; ``reference_window``: see :func:`normalise_to_reference`; the reference
+    what this process timed; ``reference_every``: see :func:`time_in_rounds`; the reference
     runs at ``reference_input``, by default :func:`reference_shape` of the artifacts').
 
     The process imports only the runtime, fixes its thread counts (``OMP_NUM_THREADS``, the runtime's
@@ -463,7 +476,7 @@ def measure_isolated(artifacts: list[Artifact], profile: DeviceProfile, memory: 
         request, answer = Path(tmp) / "request.json", Path(tmp) / "answer.json"
         request.write_text(json.dumps({
             "device": profile.model_dump(mode="json"), "cores": cores, "answer": str(answer),
-            "reference_window": reference_window,
+            "reference_every": reference_every,
             "artifacts": [{"name": a.name, "path": str(a.path) if a.path else None, "input_shape": list(a.input_shape),
                            "build": a.build, "build_args": a.build_args}
                           for a in [*artifacts, _reference_artifact(profile.runtime, ref_shape)]]}))
@@ -538,7 +551,7 @@ def _isolated_main(request_path: str) -> None:
                 session.run(prepared)
                 runs[item["name"]] = (lambda s=session, p=prepared: s.run(p))
             timings = time_in_rounds(runs, profile, reference=REFERENCE,
-                                     reference_window=int(request.get("reference_window", 1)))
+                                     reference_every=int(request["reference_every"]))
         finally:
             for session in reversed(sessions):
                 session.close()

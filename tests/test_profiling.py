@@ -177,18 +177,41 @@ def test_normalising_to_the_reference_cancels_a_host_that_slows_down():
     assert timings["ref"]["raw_p50_ms"] == timings["ref"]["p50_ms"]  # the reference itself stays as timed
 
 
-def test_the_reference_speaks_for_its_own_round_or_for_the_whole_process():
-    """window 1 follows the host round by round; window 0 (lookup tables: rounds of 150 models) applies
-    one factor, the reference's median over the process; a disturbed reference round disturbs the model's."""
+def test_each_block_is_normalised_by_the_reference_block_timed_just_before_it():
+    """A model's block is divided by the reference block timed next to it, not by the round's or the
+    process's; a disturbed reference round disturbs the model's."""
     from podium.methods.profiling import _Track, normalise_to_reference
 
     reference = _Track(lambda: None, [[1.0, 1.0], [2.0, 2.0], [2.0, 2.0]], ["", "waiting", ""])
-    model = _Track(lambda: None, [[3.0, 3.0], [6.0, 6.0], [6.0, 6.0]], ["", "", ""])
-    per_round = normalise_to_reference(model, reference, 1.0, window=1)
-    assert per_round.samples == [[3.0, 3.0], [3.0, 3.0], [3.0, 3.0]] and per_round.disturbed == ["", "waiting", ""]
-    whole = normalise_to_reference(model, reference, 1.0, window=0)
-    assert whole.samples == [[1.5, 1.5], [3.0, 3.0], [3.0, 3.0]]  # everything over 2.0, the process's median
+    model = _Track(lambda: None, [[3.0, 3.0], [6.0, 6.0], [6.0, 6.0]], ["", "", ""], nearby_reference=[1.0, 2.0, 2.0])
+    normalised = normalise_to_reference(model, reference, 1.0)
+    assert normalised.samples == [[3.0, 3.0]] * 3 and normalised.disturbed == ["", "waiting", ""]
     assert normalise_to_reference(model, reference, None).samples == [[6.0, 6.0]] * 3  # at its own speed, 2.0
+
+
+def test_a_host_that_slows_within_a_long_round_is_cancelled_by_a_reference_timed_every_few_models():
+    """Rounds of a lookup table's many models outlast the host's speed. Here the host runs 1.8x slower
+    for the second three model blocks of every round; every model costs 2x the reference. One reference
+    block per round leaves the models that fall in the slow half (a different half each round, the
+    order rotates) up to 1.8x off; a reference timed every 3 models puts every one at 2x."""
+    from podium.methods.profiling import time_in_rounds
+
+    blocks = {"model": 0}
+    repeats = 3
+    slow = lambda: 1.8 if (blocks["model"] // (3 * repeats)) % 2 else 1.0  # noqa: E731
+
+    def model():
+        _spin(0.0008 * slow())
+        blocks["model"] += 1
+
+    runs = {"ref": lambda: _spin(0.0004 * slow()), **{f"m{i}": model for i in range(6)}}
+    profile = DeviceProfile(name="t", latency_budget_ms=10, warmup=0, round_repeats=repeats, min_rounds=6,
+                            max_rounds=6, reference_ms=0.4)
+    local = time_in_rounds(runs, profile, reference="ref", reference_every=3)
+    assert all(local[f"m{i}"]["p50_ms"] == pytest.approx(0.8, rel=0.1) for i in range(6)), local
+    blocks["model"] = 0
+    per_round = time_in_rounds(runs, profile, reference="ref")
+    assert max(per_round[f"m{i}"]["p50_ms"] for i in range(6)) > 1.15 * 0.8, per_round
 
 
 def test_the_speed_book_keeps_the_first_clean_reference_speed_per_device(tmp_path):
