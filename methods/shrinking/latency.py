@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from podium.methods.profiling import Artifact, DeviceProfile, measure_isolated
+from podium.methods.profiling import Artifact, DeviceProfile, LatencyStats, measure_isolated
 from podium.methods.shrinking.blocks import MBConv
 from podium.methods.shrinking.config import ShrinkingConfig
 from podium.methods.shrinking.space import Arch, OpenSpace, _as_arch
@@ -81,6 +81,10 @@ class LatencyTable:
         """Measure layer ``specs`` (those not in the table yet, which it then holds) and whole sub-networks
         ``archs`` (random weights, their shapes) together, interleaved, in one pinned process; returns the
         archs' p50s."""
+        return [s.p50_ms for s in self.measure_stats(specs, archs)]
+
+    def measure_stats(self, specs: Sequence[tuple] = (), archs: Sequence[Arch] = ()) -> list[LatencyStats]:
+        """:meth:`measure`, returning the archs' whole statistics (intervals, noise)."""
         todo = sorted({s for s in specs if s not in self.table}, key=repr)
         items = [self._recipe(f"layer{i}", _module_for_spec(s, self.cfg)[1], spec=list(s)) for i, s in enumerate(todo)]
         items += [self._recipe(f"net{i}", (self.supernet.in_chans, a.resolution, a.resolution), arch=a.to_dict())
@@ -92,7 +96,7 @@ class LatencyTable:
         if stats and self.profile.reference_ms is None:  # later measurements at the table's reference speed
             self.profile = self.profile.model_copy(update={"reference_ms": next(iter(stats.values())).reference_ms})
         self.table.update({spec: stats[f"layer{i}"].p50_ms for i, spec in enumerate(todo)})
-        return [stats[f"net{i}"].p50_ms for i in range(len(archs))]
+        return [stats[f"net{i}"] for i in range(len(archs))]
 
     def entry_ms(self, spec: tuple) -> float:
         """One layer configuration's p50; the first read measures every entry of the space at once."""
