@@ -121,9 +121,9 @@ class LatencyTable:
         Each entry, timed alone, pays one call's fixed cost (ONNX Runtime's ``run``: binding, copies) that
         the whole network pays once, and misses what the network adds (activations leaving the cache,
         the stem's and head's dispatch). The per-layer term is always fitted: over 24 tables measured on
-        the shared VM (ONNX Runtime at 1 and 2 threads, torch at 1), keeping it lowered the median error on
-        40 unseen networks from 5.2 to 3.8 % and the worst from 17.8 to 14.2 %, better than choosing it
-        left-one-out on the 8 calibration networks (4.3 / 15.4 %). Fewer networks than that fit scale and
+        the shared VM (ONNX Runtime at 1 and 2 threads, torch at 1; 20-40 unseen networks each), keeping it
+        lowered the tables' median error from 5.2 to 3.8 % and their worst from 17.8 to 14.2 % (means over
+        the tables), better than choosing it left-one-out on the 8 calibration networks (4.3 / 15.4 %). Fewer networks than that fit scale and
         offset, or scale alone."""
         if measured_ms is None:
             specs = [] if self.table else self.supernet.all_layer_specs(self.space)
