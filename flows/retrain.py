@@ -8,7 +8,7 @@ from prefect import flow, tags
 
 from podium.errors import BranchError
 from podium.flows.run_logs import forward_podium_logs
-from podium.flows.runners import build_task_runner, shared_api
+from podium.flows.runners import build_task_runner, run_api
 from podium.methods.base import Candidate
 from podium.methods.host import tune_allocator
 from podium.tasks.anchors import acquire_anchors
@@ -87,7 +87,7 @@ def retrain(config_path: str = "configs/demo.yaml", project_dir: str = ".",
 def run_retrain(config_path: str, project_dir: str = ".", skip_if_unchanged: bool = False) -> RetrainResult:
     """Run the flow with the task runner the config asks for."""
     cfg, _devices = load_run_config(config_path)  # fail on a bad config before Prefect starts
-    with shared_api(cfg.runtime), tags(*run_tags(cfg.model_name)):
+    with run_api(), tags(*run_tags(cfg.model_name)):
         return retrain.with_options(task_runner=build_task_runner(cfg.runtime))(
             config_path=config_path, project_dir=project_dir, skip_if_unchanged=skip_if_unchanged)
 

@@ -5,7 +5,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from podium.config import ConfigError, RuntimeConfig
@@ -41,16 +41,39 @@ def build_task_runner(runtime: RuntimeConfig) -> TaskRunner:
 
 
 @contextmanager
-def shared_api(runtime: RuntimeConfig) -> Iterator[None]:
-    """Without ``PREFECT_API_URL`` (ephemeral mode), start the ephemeral API here and hand its URL to
-    the run's context: Dask worker processes otherwise each start a private server of their own on the
-    same SQLite database (slow, and they contend for its lock). Threads share this process's API."""
-    if runtime.task_runner != "dask" or PREFECT_API_URL.value():
+def run_api() -> Iterator[None]:
+    """Without ``PREFECT_API_URL``: the run's own Prefect API (``flows.ephemeral_api``: the one the command
+    started early, else one started here) for the whole run, its URL in the run's settings, so the flow,
+    its threads and Dask worker processes all talk to it (each worker would otherwise start a private
+    server on the same SQLite database). Stopped at the end, once the logs and events are sent."""
+    from podium.flows import ephemeral_api
+
+    early = ephemeral_api.take_early()
+    if PREFECT_API_URL.value():
+        if early is not None:
+            early.stop()  # a profile configures a server: the early one is not needed
         yield
         return
-    from prefect.server.api.server import SubprocessASGIServer
+    api = early or ephemeral_api.EphemeralAPI().start()
+    try:
+        api.wait_ready()
+        # no UI link in the logs (as with Prefect's ephemeral API): this server serves no UI and ends with the run
+        with temporary_settings(updates={PREFECT_API_URL: api.api_url, PREFECT_UI_URL: ""}):
+            try:
+                yield
+            finally:
+                _send_pending_logs_and_events()
+    finally:
+        api.stop()
 
-    server = SubprocessASGIServer()  # the same instance Prefect's ephemeral client would start
-    server.start()
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-        yield
+
+def _send_pending_logs_and_events() -> None:
+    """What Prefect's test harness does before it stops its server: the log and event workers send what
+    they hold (the flow's last state and log lines) while the API still answers."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    try:
+        APILogWorker.drain_all(timeout=10)
+    finally:
+        EventsWorker.drain_all(timeout=10)

@@ -52,6 +52,9 @@ def retrain(config: Path = typer.Option(Path("configs/demo.yaml"), help="pipelin
 
         load_config(config)  # a bad config fails before anything is created (Prefect's home included)
         _project_env(project_dir)
+        from podium.flows.ephemeral_api import start_early
+
+        start_early()  # the run's Prefect API boots in its own process while the imports below run
         from podium.flows.retrain import run_retrain
 
         result = run_retrain(str(config), str(project_dir))
