@@ -46,7 +46,6 @@ Run it on a quiet machine: another busy process skews every ratio's interval and
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -101,7 +100,6 @@ class Workload:
     make: Callable[[], nn.Module]
     loss: LossFn = cross_entropy
     compile: Callable[[nn.Module], nn.Module] = compile_model
-    counted: Callable[[nn.Module], nn.Module] = lambda model: model  # the static module whose flops a step runs
 
     def model(self) -> nn.Module:
         torch.manual_seed(0)
@@ -125,13 +123,11 @@ def regnet(name: str, s: float, image_size: int, in_chans: int) -> Workload:
 
 
 def ofa_max(name: str, image_size: int, in_chans: int) -> Workload:
-    from podium.methods.shrinking import OFASupernet, ShrinkingConfig, extract_subnet
+    from podium.methods.shrinking import OFASupernet, ShrinkingConfig
 
     # a new supernet's active sub-network is the largest (every unit at max depth, kernel and expand)
     return Workload(name, (image_size, image_size), in_chans,
-                    lambda: OFASupernet(ShrinkingConfig(), in_chans, NUM_CLASSES),
-                    # elastic blocks call F.conv2d on weight slices, which the counter's module hooks miss
-                    counted=lambda supernet: extract_subnet(supernet, supernet.active))
+                    lambda: OFASupernet(ShrinkingConfig(), in_chans, NUM_CLASSES))
 
 
 def self_distill(name: str, image_size: int, in_chans: int) -> Workload:
@@ -338,7 +334,7 @@ def measure_family(name: str, args: argparse.Namespace) -> Row:
     base = Stepper(work, work.model())
     step_s = base.warm_up()
     steps = max(1, round(args.block_s / step_s))
-    macs = count(work.counted(work.model()).eval(), work.size, work.in_chans).flops
+    macs = count(work.model().eval(), work.size, work.in_chans).flops
     row = Row(name, f"{work.in_chans}x{work.size[0]}x{work.size[1]}", 2.0 * macs, 0.0)
     base_blocks: list[float] = []
 

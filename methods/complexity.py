@@ -15,9 +15,11 @@ The single source of these numbers for every method (Dollár et al., CVPR 2021):
   (H*T^2 scores and T*D values per layer, as pycls; max-pool outputs are *not* counted, as in
   fvcore/timm's tables rather than pycls).
 
-Counted at batch 1 for the given input size (forward hooks on conv/linear layers, a torch-function
-mode for the parameters and the attention products), so a stitched or truncated path counts only
-what it runs.
+Counted at batch 1 for the given input size by a torch-function mode that sees every ``conv*d``,
+``linear``, matrix product and attention call, whether a layer makes it or a forward calls
+``F.conv2d`` on a sliced weight (an OFA supernet's active sub-network), so a stitched, truncated or
+elastic path counts only what it runs. Calls on weights alone (OFA's kernel transform
+``F.linear(crop, M)``) make weights, not activations, and count 0.
 """
 from __future__ import annotations
 
@@ -39,21 +41,8 @@ class Complexity:
         return asdict(self)
 
 
-def _conv_flops(conv: nn.Conv2d, output: torch.Tensor) -> int:
-    out_elements = output.numel()  # C_out * H' * W' (batch 1)
-    k_h, k_w = conv.kernel_size
-    macs = out_elements * k_h * k_w * (conv.in_channels // conv.groups)
-    return macs + (out_elements if conv.bias is not None else 0)
-
-
-def _linear_flops(linear: nn.Linear, output: torch.Tensor) -> int:
-    # tokens (1 for a classifier); Swin's window attention runs its windows as the batch: count them all
-    rows = output.numel() // linear.out_features
-    macs = rows * linear.in_features * linear.out_features
-    return macs + (rows * linear.out_features if linear.bias is not None else 0)
-
-
 _MATRIX_PRODUCTS = {"matmul", "__matmul__", "bmm"}
+_CONVOLUTIONS = {"conv1d", "conv2d", "conv3d"}
 # What a forward pass may ask of a parameter without computing with it.
 _METADATA = {"__get__", "numel", "size", "dim", "element_size", "is_floating_point", "is_complex", "is_contiguous"}
 
@@ -68,30 +57,52 @@ def _leaves(value: Any) -> list[Any]:
 
 class _Tally(TorchFunctionMode):
     """Sees every torch function the forward pass calls (not those nested inside one: nn.Linear's
-    ``F.linear`` is one call): records the parameters it computes with and counts the matrix
-    products. Runs at batch 1, so whole-tensor sizes are per-sample sizes."""
+    ``F.linear`` is one call): records the parameters it computes with, follows the tensors made
+    from parameters alone, and counts the products of activations. Runs at batch 1, so whole-tensor
+    sizes are per-sample sizes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.params: dict[int, nn.Parameter] = {}
+        # tensors computed from parameters alone (slices, transformed kernels), kept alive so ids stay theirs
+        self.weight_only: dict[int, torch.Tensor] = {}
         self.flops = 0
         self.acts = 0
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        tensors = [leaf for leaf in _leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
         if name not in _METADATA:
-            for leaf in _leaves((args, kwargs)):
+            for leaf in tensors:
                 if isinstance(leaf, nn.Parameter):
                     self.params[id(leaf)] = leaf
         out = func(*args, **kwargs)
-        if name == "scaled_dot_product_attention":
+        if tensors and all(isinstance(t, nn.Parameter) or id(t) in self.weight_only for t in tensors):
+            for leaf in _leaves(out):
+                if isinstance(leaf, torch.Tensor):
+                    self.weight_only[id(leaf)] = leaf
+            return out
+        if not isinstance(out, torch.Tensor):
+            return out
+        if name in _CONVOLUTIONS:
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            macs = out.numel() * weight[0].numel()  # C_out*H'*W' outputs, each k*k*C_in/groups
+            self.flops += macs + (out.numel() if bias is not None else 0)
+            self.acts += out.numel()
+        elif name == "linear":
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            # rows: tokens (1 for a classifier); Swin's windows run as the batch, so all are counted
+            self.flops += out.numel() * args[0].shape[-1] + (out.numel() if bias is not None else 0)
+            self.acts += out.numel()
+        elif name == "scaled_dot_product_attention":
             query, key, value = args[:3] if len(args) >= 3 else (kwargs.get("query"), kwargs.get("key"),
                                                                  kwargs.get("value"))
             scores = query.numel() // query.shape[-1] * key.shape[-2]  # (..., heads, T_q, T_k)
             self.flops += scores * query.shape[-1] + scores * value.shape[-1]  # QK^T, then AV
             self.acts += scores + out.numel()
-        elif name in _MATRIX_PRODUCTS and isinstance(out, torch.Tensor) and args[0].ndim >= 1:
+        elif name in _MATRIX_PRODUCTS and args[0].ndim >= 1:
             self.flops += out.numel() * args[0].shape[-1]
             self.acts += out.numel()
         return out
@@ -100,21 +111,6 @@ class _Tally(TorchFunctionMode):
 @torch.no_grad()
 def count(model: nn.Module, input_size: tuple[int, int], in_chans: int = 3) -> Complexity:
     """Count flops/params/acts of ``model`` on one ``in_chans x H x W`` input."""
-    flops = 0
-    acts = 0
-
-    def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
-        nonlocal flops, acts
-        if not isinstance(output, torch.Tensor):
-            return
-        if isinstance(module, nn.Conv2d):
-            flops += _conv_flops(module, output)
-            acts += output.numel()
-        elif isinstance(module, nn.Linear):
-            flops += _linear_flops(module, output)
-            acts += output.numel()
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     was_training = model.training
     model.eval()
     param = next(model.parameters(), None)
@@ -124,8 +120,6 @@ def count(model: nn.Module, input_size: tuple[int, int], in_chans: int = 3) -> C
         with tally:
             model(torch.zeros(1, in_chans, *input_size, device=device))
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
     params = sum(p.numel() for p in tally.params.values())
-    return Complexity(flops=int(flops + tally.flops), params=int(params), acts=int(acts + tally.acts))
+    return Complexity(flops=int(tally.flops), params=int(params), acts=int(tally.acts))

@@ -1,11 +1,15 @@
 """The complexity counter against figures computed by hand (pycls definitions)."""
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from podium.methods.complexity import count
+from podium.methods.shrinking import OFASupernet, OpenSpace, ShrinkingConfig, extract_subnet
 
 
 def test_conv3x3_counts_by_hand():
@@ -160,3 +164,39 @@ def test_bare_parameters_count_once_when_computed_with():
 
     cx = count(Net(), (3, 3), in_chans=1)
     assert cx.params == 2 + 2
+
+
+def test_functional_calls_on_sliced_weights_count_what_they_run():
+    class Elastic(nn.Module):  # an OFA-style block: only the active slice of each weight computes
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+            self.fc = nn.Linear(8 * 5 * 5, 10)
+            self.transform = nn.Parameter(torch.eye(9))
+
+        def forward(self, x):
+            kernel = F.linear(self.conv.weight[:4].reshape(-1, 9), self.transform).reshape(4, 3, 3, 3)
+            y = F.conv2d(x, kernel, None, 1, 1)  # 4 of the 8 filters
+            return F.linear(y.flatten(1), self.fc.weight[:6, :4 * 25], self.fc.bias[:6])
+
+    cx = count(Elastic(), (5, 5), in_chans=3)
+    conv_out, fc_out = 4 * 5 * 5, 6
+    # the kernel transform multiplies weights by weights: no activation, 0 flops
+    assert cx.flops == conv_out * 3 * 3 * 3 + fc_out * 4 * 25 + fc_out
+    assert cx.acts == conv_out + fc_out
+
+
+def test_an_ofa_supernet_counts_as_its_extracted_subnetwork():
+    cfg = ShrinkingConfig(stem_width=8, first_block_width=8, unit_widths=(8, 16), unit_strides=(1, 2),
+                          unit_se=(False, True), unit_acts=("relu", "hswish"), head_width=24, feature_width=32,
+                          depth_choices=(1, 2), resolutions=(16, 20))
+    supernet, space, rng = OFASupernet(cfg, in_chans=1, num_classes=10), OpenSpace.full(cfg), random.Random(0)
+    archs = [space.uniform(2, "max"), space.uniform(2, "min")] + [space.sample(2, rng) for _ in range(3)]
+    seen = set()
+    for arch in archs:
+        supernet.set_active(arch)
+        size = (arch.resolution, arch.resolution)
+        elastic, extracted = count(supernet, size, in_chans=1), count(extract_subnet(supernet, arch), size, in_chans=1)
+        assert (elastic.flops, elastic.acts) == (extracted.flops, extracted.acts), arch.name
+        seen.add(elastic.flops)
+    assert len(seen) == len(archs)  # each sub-network its own count, not the full supernet's or 0
