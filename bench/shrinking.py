@@ -4,12 +4,16 @@ Prints, for a handful of sub-networks, the accuracy of the shrunk supernet's sub
 BN-recalibrated, no fine-tuning) vs the same architecture trained from scratch on the same training
 images (the split less the accuracy predictor's hold-out) for the same number of optimiser steps as
 the whole progressive-shrinking schedule; the accuracy predictor's error (on held-out sub-networks)
-and how well it ranks sub-networks by their real ``val`` accuracy; per local device of the inventory,
+and how well it ranks sub-networks by their real ``val`` accuracy; per local device,
 the latency predictor's error against whole sub-networks measured in the lookup table's own pinned
 process (beside its entries) and again in a later process; and the search winner's latency vs the
 device budget.
 
-    python bench/shrinking.py [--subnets 4] [--latency-samples 12] [--epoch-scale 1.0] [--devices a,b]
+The latency rows default to the demo's devices (cpu-1t, cpu-2t-onnx, mcu-tight); ``--devices all`` takes
+every local one. The others' tables are slow to build: OpenVINO's took 244 s (11 of 12 test networks
+noisy), and ExecuTorch lowers each of the table's 160 models (15-35 s apiece).
+
+    python bench/shrinking.py [--subnets 4] [--latency-samples 12] [--epoch-scale 1.0] [--devices a,b|all]
 """
 from __future__ import annotations
 
@@ -26,10 +30,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from podium.devices import load_inventory  # noqa: E402
+from podium.devices import load_inventory, select_devices  # noqa: E402
+from podium.errors import DeviceError  # noqa: E402
 from podium.methods.runtimes import available_runtimes  # noqa: E402
-from podium.methods.shrinking.latency import LatencyTable  # noqa: E402
 from podium.methods.shrinking import OFASupernet, OpenSpace, Shrinking, ShrinkingConfig, describe_space, extract_subnet  # noqa: E402
+from podium.methods.shrinking.latency import LatencyTable  # noqa: E402
 from podium.methods.train import evaluate, fit  # noqa: E402
 from tests.conftest import digits_bundle  # noqa: E402
 
@@ -49,14 +54,30 @@ def scratch_accuracy(cfg: ShrinkingConfig, arch, data, steps: int) -> float:
     return evaluate(net, data.eval_loader("val", size))
 
 
+def local_devices(parser: argparse.ArgumentParser, names: str) -> list:
+    """The inventory's devices named (``all``: every one whose runtime is here), measured on this machine."""
+    inventory = load_inventory()
+    if names == "all":
+        return [d for d in inventory.values() if not d.work_pool and d.runtime in available_runtimes()]
+    try:
+        devices = select_devices(inventory, names.split(","), "--devices")
+    except DeviceError as exc:
+        parser.error(str(exc))
+    if remote := [d.name for d in devices if d.work_pool]:
+        parser.error(f"--devices: {', '.join(remote)} measure on their work pool's hardware, not here")
+    return devices
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--subnets", type=int, default=4)
     parser.add_argument("--latency-samples", type=int, default=12)
     parser.add_argument("--predictor-samples", type=int, default=None)
-    parser.add_argument("--devices", default="", help="comma-separated inventory names (default: every local one)")
+    parser.add_argument("--devices", default="cpu-1t,cpu-2t-onnx,mcu-tight",
+                        help="comma-separated inventory names, or 'all': every local one (default: the demo's)")
     parser.add_argument("--epoch-scale", type=float, default=1.0, help="multiply every phase's epochs (busy machines)")
     args = parser.parse_args()
+    devices = local_devices(parser, args.devices)  # before the training: a wrong name fails at once
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(2)
     cfg = ShrinkingConfig()
@@ -97,9 +118,6 @@ def main() -> None:
         arch = full.sample(units, rng)
         if arch.name not in {a.name for a in calibration + test_archs}:
             test_archs.append(arch)
-    devices = [d for d in load_inventory().values() if not d.work_pool and d.runtime in available_runtimes()]
-    if args.devices:
-        devices = [d for d in devices if d.name in args.devices.split(",")]
     print(f"\nlatency predictor per local device: {len(test_archs)} random sub-networks, measured in the table's "
           f"own pinned process (interleaved with its entries and {len(calibration)} calibration networks), and "
           "again in a later process")
