@@ -9,7 +9,7 @@ the latency predictor's error against whole sub-networks measured in the lookup 
 process (beside its entries) and again in a later process; and the search winner's latency vs the
 device budget.
 
-The latency rows default to the demo's devices (cpu-1t, cpu-2t-onnx, mcu-tight); ``--devices all`` takes
+The latency rows default to the demo's devices (``configs/demo.yaml``); ``--devices all`` takes
 every local one. The others' tables are slow to build: OpenVINO's took 244 s (11 of 12 test networks
 noisy), and ExecuTorch lowers each of the table's 160 models (15-35 s apiece).
 
@@ -24,12 +24,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from podium.config import load_config  # noqa: E402
 from podium.devices import load_inventory, select_devices  # noqa: E402
 from podium.errors import DeviceError  # noqa: E402
 from podium.methods.runtimes import available_runtimes  # noqa: E402
@@ -73,7 +75,7 @@ def main() -> None:
     parser.add_argument("--subnets", type=int, default=4)
     parser.add_argument("--latency-samples", type=int, default=12)
     parser.add_argument("--predictor-samples", type=int, default=None)
-    parser.add_argument("--devices", default="cpu-1t,cpu-2t-onnx,mcu-tight",
+    parser.add_argument("--devices", default=",".join(load_config(REPO / "configs/demo.yaml").devices.use),
                         help="comma-separated inventory names, or 'all': every local one (default: the demo's)")
     parser.add_argument("--epoch-scale", type=float, default=1.0, help="multiply every phase's epochs (busy machines)")
     args = parser.parse_args()

@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO))
 import torch
 from torch import nn
 
+from podium.config import load_config
 from podium.devices import load_inventory, select_devices
 from podium.files import atomic_path
 from podium.methods.base import Candidate
@@ -84,7 +85,6 @@ CANDIDATES: dict[str, dict[str, Any]] = {  # widths and depths around the demo's
     "r-d2-w32": resnet([2, 2, 2, 2], [32, 64, 128, 256]),  # the demo's resnet-small
 }
 QUICK = ("r-w8", "r-w16", "r-w24")  # two within resolution of each other: the tie rule is exercised
-DEMO_DEVICES = "cpu-1t,cpu-2t-onnx,mcu-tight"
 CACHE = REPO / ".podium" / "bench" / "winner_stability"
 SIZE = 32
 
@@ -204,7 +204,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="runs per condition (idle, then under load)")
     parser.add_argument("--epochs", type=float, default=None, help="training epochs per candidate (default 6, quick 3)")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(CANDIDATES)}")
-    parser.add_argument("--devices", default=DEMO_DEVICES, help="comma-separated device names from the inventory")
+    parser.add_argument("--devices", default=",".join(load_config(REPO / "configs/demo.yaml").devices.use), help="comma-separated device names from the inventory")
     parser.add_argument("--budget", action="append", default=[], metavar="NAME=MS",
                         help="override a device's latency budget (repeatable)")
     args = parser.parse_args()
